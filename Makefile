@@ -1,0 +1,45 @@
+# make run | make test | make check | make sync | make bench   (README.md explains each)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CHECK  := build/check
+
+.PHONY: setup run test check sync sync-check bench clean
+
+# `setup` always (re)installs; the other targets only need the venv to exist.
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+
+$(PY):
+	$(MAKE) setup
+
+run: $(PY)
+	$(PY) hw2.py
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+# Execute the notebook headlessly (smoke preset) into a git-ignored copy.
+check: $(PY)
+	rm -rf $(CHECK) && mkdir -p $(CHECK)
+	cp hw2.ipynb $(CHECK)/hw2.ipynb
+	cd $(CHECK) && HW2_PRESET=smoke HW2_OUTPUT_DIR=out HW2_DATA_DIR= MPLBACKEND=Agg \
+		../../$(VENV)/bin/jupyter execute --inplace --timeout=900 hw2.ipynb
+	@ls $(CHECK)/out/submission.csv $(CHECK)/out/answers.json $(CHECK)/out/metrics.json
+
+# Pair hw2.py <-> hw2.ipynb (the newer one wins), then prove they agree.
+sync: $(PY)
+	$(VENV)/bin/jupytext --sync hw2.py
+	$(MAKE) sync-check
+
+sync-check: $(PY)
+	$(VENV)/bin/jupytext --to py:percent -o - hw2.ipynb | diff -u hw2.py - && echo "hw2.py == hw2.ipynb"
+
+# Accuracy/time per preset on a validation split; appends to BENCHMARKS.md.
+bench: $(PY)
+	$(PY) tools/bench.py --preset quick
+
+clean:
+	rm -rf build outputs

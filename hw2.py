@@ -1,0 +1,1931 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # CS 291K Homework 2 (UCSB, Fall 2022) — worked answers and a CIFAR-10 classifier
+#
+# One program in two forms: this notebook and `hw2.py` (paired with jupytext). It
+#
+# 1. answers Problems 1–3 **by computation**, each answer checked by an independent route
+#    (autograd, a real `nn.Module`, a measurement), with the derivation next to the number;
+# 2. trains a ResNet-style CIFAR-10 classifier from scratch (Problem 4) and writes
+#    `submission.csv` for the Kaggle competition `ucsb-cs291k-hw2-2022-fall`.
+#
+# | preset | where | model | time | accuracy |
+# |---|---|---|---|---|
+# | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem | see `BENCHMARKS.md` | see `BENCHMARKS.md` |
+# | `quick` (default on CPU) | 2-core laptop | same family, narrower, fewer epochs | ≤ 6 min in all | see `BENCHMARKS.md` |
+# | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
+#
+# **Run it.** On Kaggle: add the competition data, switch the accelerator to a GPU (T4), *Run all*;
+# `submission.csv` appears in `/kaggle/working`. Locally: `make run` (or `python hw2.py`);
+# `python hw2.py --help` lists every flag, and each flag can also be set through an environment
+# variable `HW2_<FLAG>` (e.g. `HW2_PRESET=quick`), which is how a notebook kernel takes options.
+#
+# ```
+# python hw2.py                                   # everything, preset by hardware
+# python hw2.py --answers-only --output-dir out   # Problems 1-3 only -> out/answers.json
+# python hw2.py --preset quick --data-dir D --test-npy T --output-dir O
+# ```
+
+# %%
+import argparse
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
+RUN = __name__ == "__main__"
+IN_NOTEBOOK = "ipykernel" in sys.modules
+ANSWERS = {}
+
+
+class HW2Error(Exception):
+    """A user mistake (bad path, bad file, unusable hardware): the message says what to do."""
+
+
+def _script_excepthook(kind, err, tb):
+    # A user mistake ends in one readable line and a non-zero exit, never a traceback.
+    if issubclass(kind, HW2Error):
+        _cleanup_partial_outputs()
+        print(f"hw2: error: {err}", file=sys.stderr)
+    elif issubclass(kind, KeyboardInterrupt):
+        print("hw2: interrupted; a checkpoint (if any) is in the output dir: rerun with --resume",
+              file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, err, tb)
+
+
+if RUN and not IN_NOTEBOOK:
+    sys.excepthook = _script_excepthook
+
+# %% [markdown]
+# ## Configuration
+#
+# One hyperparameter block per preset. Learning rate and weight decay are in the *decoupled*
+# form of the airbench/myrtle.ai line of work: `lr` is the step per 1024 examples and is
+# independent of momentum; `wd` is the decay per 1024 examples, independent of `lr`. That lets
+# each knob be tuned alone and the batch size change (e.g. after an out-of-memory retry) without
+# retuning.
+
+# %%
+PRESETS = {
+    # Leaderboard recipe for a Kaggle T4 (fp16, ~7.5 PFLOP of training).
+    "full": dict(
+        widths=(128, 512, 512),   # channels of the three residual groups
+        residual=(True, True, True),  # a residual block in each group
+        epochs=30,                # enough to saturate this net; 10 % of it is warm-up
+        batch_size=1024,
+        lr=9.0,                   # per 1024 examples, decoupled from momentum
+        momentum=0.85,
+        wd=0.012,                 # per 1024 examples, decoupled from lr
+        bias_lr_scale=64.0,       # BatchNorm biases learn much faster than conv weights
+        label_smoothing=0.2,
+        translate=4,              # random reflect-padded translation, pixels
+        cutout=12,                # square side, pixels
+        whiten_bias_epochs=3,     # the whitening layer's bias trains, then freezes
+        warmup=0.1,               # fraction of steps
+        tta=2,                    # 0 none, 1 mirror, 2 mirror + 1-pixel translations
+    ),
+    # CPU preset: the same family, narrow enough for two cores; whole run <= 6 min.
+    "quick": dict(
+        widths=(16, 64, 128), residual=(True, True, True), epochs=8, batch_size=512, lr=9.0, momentum=0.85, wd=0.012,
+        bias_lr_scale=64.0, label_smoothing=0.2, translate=2, cutout=0, whiten_bias_epochs=3,
+        warmup=0.1, tta=2,
+    ),
+    # Plumbing check for tests and `make check`: every code path in seconds.
+    "smoke": dict(
+        widths=(8, 16, 16), residual=(True, True, True), epochs=2, batch_size=32, lr=30.0,
+        momentum=0.85, wd=0.012, bias_lr_scale=16.0, label_smoothing=0.2, translate=2, cutout=8,
+        whiten_bias_epochs=1, warmup=0.1, tta=2, n_train=512, n_test=96,
+    ),
+}
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                 "dog", "frog", "horse", "ship", "truck"]
+KAGGLE_TEST_NPY = "/kaggle/input/ucsb-cs291k-hw2-2022-fall/test.npy"
+VAL_SPLIT_SEED = 12345  # fixed, so every run (any --seed) validates on the same images
+
+
+def _env_flag(name, default=None):
+    return os.environ.get("HW2_" + name.upper().replace("-", "_"), default)
+
+
+def _truthy(text, name):
+    if text is None:
+        return False
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise HW2Error(f"environment variable HW2_{name.upper()}={text!r}: expected 1/0, true/false")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="hw2.py", description="CS 291K HW2: Problems 1-3 answers and a CIFAR-10 classifier.",
+        epilog="Every flag can also be set as an environment variable HW2_<FLAG>, e.g. HW2_PRESET=quick.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=_env_flag("preset"),
+                   help="training recipe (default: full on a GPU, quick on the CPU)")
+    p.add_argument("--epochs", type=int, default=_env_flag("epochs"), help="override the preset's epochs")
+    p.add_argument("--seed", type=int, default=_env_flag("seed", 0))
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=_env_flag("device", "auto"),
+                   help="auto: a working GPU, else the CPU quick preset")
+    p.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"],
+                   default=_env_flag("precision", "auto"),
+                   help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 needs sm_80+")
+    p.add_argument("--compile", action="store_true", default=_truthy(_env_flag("compile"), "compile"),
+                   help="torch.compile the model (sm_70+ only; off by default)")
+    p.add_argument("--data-dir", default=_env_flag("data_dir"),
+                   help="folder holding cifar-10-batches-py (or that folder itself)")
+    p.add_argument("--test-npy", default=_env_flag("test_npy"),
+                   help=f"test images to predict (default {KAGGLE_TEST_NPY} when it exists)")
+    p.add_argument("--output-dir", default=_env_flag("output_dir"),
+                   help="where outputs go (default /kaggle/working on Kaggle, else ./outputs)")
+    p.add_argument("--val-size", type=int, default=_env_flag("val_size"),
+                   help="validation images carved from train (default 0 when a test.npy is "
+                        "predicted, else 5000)")
+    p.add_argument("--answers-only", action="store_true",
+                   default=_truthy(_env_flag("answers_only"), "answers_only"),
+                   help="run Problems 1-3 only and write answers.json")
+    p.add_argument("--resume", action="store_true", default=_truthy(_env_flag("resume"), "resume"),
+                   help="continue training from output-dir/checkpoint.pt")
+    p.add_argument("--predict-only", action="store_true",
+                   default=_truthy(_env_flag("predict_only"), "predict_only"),
+                   help="skip training: reload output-dir/model.pt and rewrite the submission")
+    return p
+
+
+def parse_config(argv=None):
+    """Flags from argv (a script) or from HW2_* variables alone (a notebook kernel's argv is its own)."""
+    if argv is None:
+        argv = [] if IN_NOTEBOOK else sys.argv[1:]
+    try:
+        cfg = build_parser().parse_args(argv)
+    except ValueError as e:  # a bad HW2_EPOCHS etc. used as a default
+        raise HW2Error(f"bad flag value from the environment: {e}") from None
+    if cfg.epochs is not None and int(cfg.epochs) < 1:
+        raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.val_size is not None and int(cfg.val_size) < 0:
+        raise HW2Error(f"--val-size {cfg.val_size}: must be 0 or more")
+    if cfg.resume and cfg.predict_only:
+        raise HW2Error("--resume and --predict-only exclude each other")
+    cfg.seed = int(cfg.seed)
+    if cfg.output_dir is None:
+        cfg.output_dir = "/kaggle/working" if os.path.isdir("/kaggle/working") else "outputs"
+    return cfg
+
+
+_CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
+
+
+def prepare_output_dir(path):
+    """Create `path` and prove it is writable now, so a bad dir fails before any training."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HW2Error(f"--output-dir {path}: exists and is not a directory")
+    missing = []
+    probe = path
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(path, exist_ok=True)
+        _CREATED_DIRS.extend(reversed(missing))
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise HW2Error(f"--output-dir {path}: cannot be created or written ({e.strerror or e})") from None
+    return path
+
+
+def _cleanup_partial_outputs():
+    for d in reversed(_CREATED_DIRS):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only if still empty: never delete what a user had
+
+
+def atomic_write(path, write_fn, mode="w"):
+    """Write via a temp file in the same dir + rename: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+if RUN:
+    CFG = parse_config()
+    CFG.output_dir = prepare_output_dir(CFG.output_dir)
+    T_START = time.time()
+    print(f"hw2 | python {platform.python_version()} | torch {torch.__version__} | "
+          f"output -> {CFG.output_dir}")
+
+# %% [markdown]
+# ## Problem 1 — Feed-forward network
+#
+# One example ($m = 1$), so $J = -L = -\big[y\log\hat p + (1-y)\log(1-\hat p)\big]$.
+# Every number below is computed in the code cell that follows (float64) and every
+# derivative is computed twice: from the closed form written here, and by
+# `torch.autograd` (float64); the cell raises if the two disagree.
+#
+# ### Problem 1.1 — prediction $\hat p$
+#
+# $$z_1 = W_1x + b_1 = \begin{bmatrix}-0.2\cdot1.5 + 0.1\cdot(-0.8) + 1.2\\ 0.5\cdot1.5 + 0.3\cdot(-0.8) + 0\\ 0.35\cdot1.5 + 0.4\cdot(-0.8) - 0.7\end{bmatrix}
+#   = \begin{bmatrix}0.82\\0.51\\-0.495\end{bmatrix},\qquad
+#   a_1 = \mathrm{ReLU}(z_1) = \begin{bmatrix}0.82\\0.51\\0\end{bmatrix}$$
+#
+# $$z_2 = W_2a_1 + b_2 = 1.5\cdot0.82 + 0.6\cdot0.51 - 0.4\cdot0 + 0.5 = 2.036,\qquad
+#   \hat p = \sigma(2.036) = \frac{1}{1+e^{-2.036}} \approx \mathbf{0.8845}$$
+#
+# (The loss is $J = -\log(1-\hat p) \approx 2.159$: a confident wrong prediction, since $y = 0$.)
+#
+# ### Problem 1.2 — $\partial J/\partial \hat p$
+#
+# $$\frac{\partial J}{\partial \hat p} = -\frac1m\Big[\frac{y}{\hat p} - \frac{1-y}{1-\hat p}\Big]
+#   \overset{m=1}{=} \frac{\hat p - y}{\hat p(1-\hat p)}
+#   \overset{y=0}{=} \frac{1}{1-\hat p} \approx \mathbf{8.660}$$
+#
+# ### Problem 1.3 — $\partial \hat p/\partial z_2$
+#
+# $$\frac{\partial \hat p}{\partial z_2} = \sigma'(z_2) = \sigma(z_2)\big(1-\sigma(z_2)\big) = \hat p(1-\hat p) \approx \mathbf{0.1021}$$
+#
+# (So $\partial J/\partial z_2 = \hat p - y \approx 0.8845$: the two denominators cancel.)
+#
+# ### Problem 1.4 — $\partial z_2/\partial a_1$
+#
+# $$\frac{\partial z_2}{\partial a_1} = W_2 = \begin{bmatrix}1.5 & 0.6 & -0.4\end{bmatrix}\quad(1\times3)$$
+#
+# ### Problem 1.5 — $\partial a_1/\partial z_1$
+#
+# ReLU acts elementwise, so its Jacobian is diagonal with the ReLU slope on the diagonal:
+#
+# $$\frac{\partial a_1}{\partial z_1} = \mathrm{diag}\big(\mathbb 1[z_1>0]\big) = \begin{bmatrix}1&0&0\\0&1&0\\0&0&0\end{bmatrix}\quad(3\times3)$$
+#
+# ($z_{1,3} = -0.495 < 0$, so the third unit is dead for this input and passes no gradient.)
+#
+# ### Problem 1.6 — $\partial z_1/\partial W_1$
+#
+# $z_{1,i} = \sum_k W_{1,ik}x_k + b_{1,i}$ depends only on row $i$ of $W_1$, so the
+# derivative is a $3\times3\times2$ tensor
+#
+# $$\frac{\partial z_{1,i}}{\partial W_{1,jk}} = \delta_{ij}\,x_k ,\qquad
+#   \text{i.e. } \frac{\partial z_{1,i}}{\partial W_1} = e_i\,x^\top
+#   \;\Rightarrow\;
+#   \frac{\partial z_{1,1}}{\partial W_1} = \begin{bmatrix}1.5&-0.8\\0&0\\0&0\end{bmatrix},\;
+#   \frac{\partial z_{1,2}}{\partial W_1} = \begin{bmatrix}0&0\\1.5&-0.8\\0&0\end{bmatrix},\;
+#   \frac{\partial z_{1,3}}{\partial W_1} = \begin{bmatrix}0&0\\0&0\\1.5&-0.8\end{bmatrix}$$
+#
+# ### Problem 1.7 — $\partial J/\partial W_1$
+#
+# Chain the pieces: $\frac{\partial J}{\partial z_1} = \frac{\partial J}{\partial \hat p}\,\frac{\partial \hat p}{\partial z_2}\,\frac{\partial z_2}{\partial a_1}\,\frac{\partial a_1}{\partial z_1}$
+# is a $1\times3$ row; contracting it with the $3\times3\times2$ tensor of 1.6 over $i$ gives a
+# $3\times2$ matrix, the **same shape as $W_1$**:
+#
+# $$\frac{\partial J}{\partial W_1}
+#   = \underbrace{\Big[\big(W_2^\top(\hat p - y)\big)\odot \mathbb 1[z_1>0]\Big]}_{3\times1}\;\underbrace{x^\top}_{1\times2}
+#   = 0.8845\begin{bmatrix}1.5\\0.6\\0\end{bmatrix}\begin{bmatrix}1.5 & -0.8\end{bmatrix}
+#   \approx \begin{bmatrix}1.9902 & -1.0614\\ 0.7961 & -0.4246\\ 0 & 0\end{bmatrix}$$
+
+# %%
+def problem1():
+    """Problem 1: forward pass and every requested derivative, by hand and by autograd."""
+    # float64 throughout so hand formulas and autograd can be compared at ~1e-12
+    W1 = np.array([[-0.2, 0.1], [0.5, 0.3], [0.35, 0.4]])
+    b1 = np.array([1.2, 0.0, -0.7])
+    W2 = np.array([[1.5, 0.6, -0.4]])
+    b2 = np.array([0.5])
+    x = np.array([1.5, -0.8])
+    y = 0.0
+
+    # ---- 1.1 forward pass ----
+    z1 = W1 @ x + b1
+    a1 = np.maximum(z1, 0.0)
+    z2 = float((W2 @ a1 + b2)[0])
+    p_hat = 1.0 / (1.0 + math.exp(-z2))
+    J = -(y * math.log(p_hat) + (1 - y) * math.log(1 - p_hat))
+
+    # ---- 1.2-1.6 local derivatives, closed forms from the markdown ----
+    dJ_dp_hat = (p_hat - y) / (p_hat * (1 - p_hat))
+    dp_hat_dz2 = p_hat * (1 - p_hat)
+    dz2_da1 = W2.copy()                                  # (1, 3)
+    da1_dz1 = np.diag((z1 > 0).astype(np.float64))       # (3, 3)
+    dz1_dW1 = np.einsum("ij,k->ijk", np.eye(3), x)       # (3, 3, 2): delta_ij * x_k
+
+    # ---- 1.7 the compact backprop formula ----
+    delta2 = p_hat - y                                   # dJ/dz2: sigmoid+BCE denominators cancel
+    delta1 = (W2[0] * delta2) * (z1 > 0)                 # dJ/dz1, shape (3,)
+    dJ_dW1 = np.outer(delta1, x) + 0.0                   # (3, 2), same shape as W1; +0.0 drops -0.0
+    # ...and the same thing as an explicit product of the Jacobians above, to show the
+    # shapes compose: (1x1)(1x1)(1x3)(3x3) -> 1x3 row, contracted with the 3x3x2 tensor.
+    dJ_dz1_row = dJ_dp_hat * dp_hat_dz2 * (dz2_da1 @ da1_dz1)
+    dJ_dW1_from_jacobians = np.einsum("i,ijk->jk", dJ_dz1_row[0], dz1_dW1)
+
+    # ---- independent check with torch.autograd (float64) ----
+    def t(a):
+        return torch.tensor(a, dtype=torch.float64)
+
+    W1_t, b1_t, W2_t, b2_t, x_t = t(W1), t(b1), t(W2), t(b2), t(x)
+    W1_t.requires_grad_(True)
+    z1_t = W1_t @ x_t + b1_t
+    a1_t = torch.relu(z1_t)
+    z2_t = W2_t @ a1_t + b2_t
+    p_t = torch.sigmoid(z2_t)
+    J_t = -(y * torch.log(p_t) + (1 - y) * torch.log(1 - p_t)).mean()
+    J_t.backward()
+
+    jac = torch.autograd.functional.jacobian
+    auto = {
+        "p_hat": p_t.item(),
+        "dJ_dp_hat": jac(lambda p: -(y * torch.log(p) + (1 - y) * torch.log(1 - p)), t(p_hat)).item(),
+        "dp_hat_dz2": jac(torch.sigmoid, t(z2)).item(),
+        "dz2_da1": jac(lambda a: W2_t.detach() @ a + b2_t, t(a1)).numpy(),        # (1, 3)
+        "da1_dz1": jac(torch.relu, t(z1)).numpy(),                                 # (3, 3)
+        "dz1_dW1": jac(lambda W: W @ x_t + b1_t, t(W1)).numpy(),                   # (3, 3, 2)
+        "dJ_dW1": W1_t.grad.numpy(),
+    }
+    hand = {"p_hat": p_hat, "dJ_dp_hat": dJ_dp_hat, "dp_hat_dz2": dp_hat_dz2,
+            "dz2_da1": dz2_da1, "da1_dz1": da1_dz1, "dz1_dW1": dz1_dW1, "dJ_dW1": dJ_dW1}
+
+    print("Problem 1 (float64, m = 1)")
+    print(f"  z1 = {np.round(z1, 6).tolist()}   a1 = {np.round(a1, 6).tolist()}")
+    print(f"  z2 = {z2:.6f}   p_hat = sigmoid(z2) = {p_hat:.6f}   J = {J:.6f}")
+    print("  hand-derived vs torch.autograd:")
+    for name in hand:
+        h, a = np.asarray(hand[name], dtype=np.float64), np.asarray(auto[name], dtype=np.float64)
+        if h.shape != a.shape:
+            raise AssertionError(f"{name}: hand shape {h.shape} != autograd shape {a.shape}")
+        err = float(np.max(np.abs(h - a)))
+        print(f"    {name:11s} shape {str(h.shape):10s} max|hand - autograd| = {err:.1e}")
+        if not np.allclose(h, a, rtol=1e-10, atol=1e-12):
+            raise AssertionError(f"{name}: hand-derived {h} disagrees with autograd {a}")
+    if not np.allclose(dJ_dW1, dJ_dW1_from_jacobians, rtol=1e-12, atol=1e-14):
+        raise AssertionError("compact dJ/dW1 formula disagrees with the chained Jacobians")
+    print(f"  dJ/dp_hat  = {dJ_dp_hat:.6f}")
+    print(f"  dp_hat/dz2 = {dp_hat_dz2:.6f}")
+    print(f"  dz2/da1    = {dz2_da1.tolist()}")
+    print(f"  da1/dz1    = {da1_dz1.tolist()}")
+    print("  dz1/dW1[i] (= e_i x^T) for i = 1..3:")
+    for i in range(3):
+        print(f"    i={i + 1}: {dz1_dW1[i].tolist()}")
+    print(f"  dJ/dW1     = {np.round(dJ_dW1, 6).tolist()}   (shape {dJ_dW1.shape}, same as W1)")
+
+    return {
+        "z1": z1.tolist(),
+        "a1": a1.tolist(),
+        "z2": float(z2),
+        "p_hat": float(p_hat),
+        "loss_J": float(J),
+        "dJ_dp_hat": float(dJ_dp_hat),
+        "dp_hat_dz2": float(dp_hat_dz2),
+        "dz2_da1": dz2_da1.tolist(),
+        "da1_dz1": da1_dz1.tolist(),
+        "dz1_dW1": dz1_dW1.tolist(),
+        "dJ_dW1": dJ_dW1.tolist(),
+    }
+
+
+# %%
+if RUN:
+    ANSWERS["p1"] = problem1()
+
+# %% [markdown]
+# ## Problem 2 — Convolutional neural network
+#
+# ### Problem 2.1 — output size of a 5×5, stride-2, unpadded convolution on 64×64
+#
+# A $K$-wide window with stride $S$ fits $\lfloor (N + 2P - K)/S \rfloor + 1$ times along an
+# axis of length $N$ (the last partial step is dropped):
+# $\lfloor (64 - 5)/2 \rfloor + 1 = \lfloor 29.5 \rfloor + 1 = \mathbf{30}$, so the output is
+# **30 × 30** per output channel.
+#
+# ### Problem 2.2 — general formula
+#
+# $$C\times H\times W \;\longrightarrow\; F \times \Big(\Big\lfloor\frac{H + 2P - K}{S}\Big\rfloor + 1\Big)\times\Big(\Big\lfloor\frac{W + 2P - K}{S}\Big\rfloor + 1\Big)$$
+#
+# The input channel count $C$ disappears: each of the $F$ filters spans all $C$ input channels
+# and sums over them, producing one output channel.
+#
+# ### Problem 2.3 — a batch of 100 images 3×64×64, conv with 2 filters, 5×5, stride 2, no padding
+#
+# * **(a)** weights: one $3\times5\times5$ filter per output channel →
+#   **$2\times3\times5\times5$** (75 weights per filter, 150 in total), plus a bias of
+#   shape **$(2,)$**, one per output channel.
+# * **(b)** output: the spatial size is 30 × 30 (2.1), channels = number of filters, batch is
+#   unchanged → **$100\times2\times30\times30$**.
+# * **(c)** a linear layer sees each image's feature map flattened:
+#   $2\cdot30\cdot30 = $ **1800** input features (its weight is $\text{out}\times1800$, e.g.
+#   $1\times1800$ for a single pedestrian logit).
+#
+# ### Problem 2.4 — purpose of batch normalization
+#
+# A BatchNorm layer normalises each **channel** of its input using statistics over the
+# mini-batch (for a conv feature map: over the batch and both spatial axes,
+# $N\cdot H\cdot W$ values per channel):
+# $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, then applies a learned per-channel
+# scale and shift $y = \gamma\hat x + \beta$ (so the layer can undo the normalisation if that
+# is what the network needs).
+#
+# * **Training vs. inference.** In training mode it uses the current batch's mean/variance
+#   and updates exponential running averages of them; in eval mode it uses those running
+#   averages, so a prediction does not depend on the other images in the batch (and works
+#   with batch size 1).
+# * **Why it helps.** It keeps every layer's inputs at a stable scale while the weights
+#   below keep changing ("internal covariate shift"); empirically this smooths the loss
+#   landscape, which allows much larger learning rates, makes training less sensitive to
+#   initialisation, speeds up convergence, and the batch-dependent noise acts as a mild
+#   regulariser.
+#
+# The demo in the cell below checks the train/eval behaviour on data with mean 5 and std 3.
+
+# %%
+def p2_conv_output_size(n, kernel, stride=1, padding=0):
+    """Output length of a convolution along one axis: floor((n + 2p - k) / s) + 1."""
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def problem2():
+    """Problem 2: conv output shapes by formula, confirmed on a real nn.Conv2d; BatchNorm demo."""
+    import itertools
+
+    formula = "F x (floor((H + 2P - K)/S) + 1) x (floor((W + 2P - K)/S) + 1)"
+    print("Problem 2")
+
+    with torch.random.fork_rng(devices=[]):      # keep the notebook's global RNG untouched
+        torch.manual_seed(0)
+
+        # ---- 2.1 ----
+        hw = [p2_conv_output_size(64, 5, 2, 0)] * 2
+        with torch.no_grad():
+            real_hw = list(nn.Conv2d(1, 1, 5, stride=2)(torch.zeros(1, 1, 64, 64)).shape[-2:])
+        assert hw == real_hw, (hw, real_hw)
+        print(f"  2.1 64x64, K=5, S=2, P=0 -> {hw[0]}x{hw[1]} (formula) == {real_hw} (nn.Conv2d)")
+
+        # ---- 2.2: the formula against nn.Conv2d on odd sizes where the floor matters ----
+        n_checked = 0
+        for (H, W), K, S, P in itertools.product([(7, 9), (32, 17)], [1, 4], [1, 2, 3], [0, 2]):
+            conv = nn.Conv2d(2, 5, K, stride=S, padding=P)
+            with torch.no_grad():
+                got = list(conv(torch.zeros(1, 2, H, W)).shape[1:])
+            want = [5, p2_conv_output_size(H, K, S, P), p2_conv_output_size(W, K, S, P)]
+            assert got == want, ((H, W, K, S, P), got, want)
+            n_checked += 1
+        print(f"  2.2 output = {formula}  (agrees with nn.Conv2d on {n_checked} configurations)")
+
+        # ---- 2.3 ----
+        conv = nn.Conv2d(in_channels=3, out_channels=2, kernel_size=5, stride=2, padding=0)
+        images = torch.randn(100, 3, 64, 64)
+        with torch.no_grad():
+            out = conv(images)
+        side = p2_conv_output_size(64, 5, 2, 0)
+        w_shape, b_shape = [2, 3, 5, 5], [2]
+        out_shape = [100, 2, side, side]
+        lin_in = 2 * side * side
+        assert list(conv.weight.shape) == w_shape and list(conv.bias.shape) == b_shape
+        assert list(out.shape) == out_shape, (list(out.shape), out_shape)
+        # the linear head must accept the flattened map: this raises if 1800 were wrong
+        head = nn.Linear(lin_in, 1)
+        with torch.no_grad():
+            logit = head(out.flatten(1))
+        assert list(logit.shape) == [100, 1]
+        print(f"  2.3a weight {w_shape} (= {conv.weight.numel()} numbers), bias {b_shape}")
+        print(f"  2.3b output {out_shape} (nn.Conv2d gives {list(out.shape)})")
+        print(f"  2.3c linear in_features = 2*{side}*{side} = {lin_in} "
+              f"(nn.Linear({lin_in}, 1) on the flattened output -> {list(logit.shape)})")
+
+        # ---- 2.4 BatchNorm: batch statistics in train mode, running averages in eval mode ----
+        bn = nn.BatchNorm2d(2)
+        data = 3.0 * torch.randn(32, 2, 8, 8) + 5.0
+        bn.train()
+        with torch.no_grad():
+            y_train = bn(data)
+        train_mean = y_train.mean(dim=(0, 2, 3))
+        train_var = y_train.var(dim=(0, 2, 3), unbiased=False)
+        after_one = bn.running_mean.clone()
+        bn.eval()
+        with torch.no_grad():
+            y_eval_early = bn(data)     # running stats have seen one batch only: still far off
+        bn.train()
+        with torch.no_grad():
+            for _ in range(60):         # let the exponential averages (momentum 0.1) converge
+                bn(3.0 * torch.randn(32, 2, 8, 8) + 5.0)
+        bn.eval()
+        with torch.no_grad():
+            y_eval_late = bn(data)
+    bn_demo = {
+        "train_mode_channel_mean": train_mean.tolist(),
+        "train_mode_channel_var": train_var.tolist(),
+        "running_mean_after_1_batch": after_one.tolist(),
+        "eval_mode_mean_after_1_batch": y_eval_early.mean(dim=(0, 2, 3)).tolist(),
+        "running_mean_after_61_batches": bn.running_mean.tolist(),
+        "running_var_after_61_batches": bn.running_var.tolist(),
+        "eval_mode_mean_after_61_batches": y_eval_late.mean(dim=(0, 2, 3)).tolist(),
+        "eval_mode_var_after_61_batches": y_eval_late.var(dim=(0, 2, 3), unbiased=False).tolist(),
+    }
+    assert torch.allclose(train_mean, torch.zeros(2), atol=1e-5)
+    assert torch.allclose(train_var, torch.ones(2), atol=1e-3)
+    r = lambda v: [round(float(t), 3) for t in v]
+    print("  2.4 BatchNorm2d on inputs with mean 5, std 3:")
+    print(f"      train mode: per-channel output mean {r(train_mean)}, var {r(train_var)}")
+    print(f"      running_mean after 1 batch {r(after_one)} -> eval output mean "
+          f"{r(bn_demo['eval_mode_mean_after_1_batch'])} (uses running stats, not the batch)")
+    print(f"      after 61 batches running_mean {r(bn.running_mean)}, running_var "
+          f"{r(bn.running_var)} -> eval output mean {r(bn_demo['eval_mode_mean_after_61_batches'])}")
+
+    return {
+        "q1_output_hw": [int(v) for v in hw],
+        "q2_formula": formula,
+        "q3a_weight_shape": w_shape,
+        "q3a_bias_shape": b_shape,
+        "q3b_output_shape": out_shape,
+        "q3c_linear_in_features": int(lin_in),
+        "q4_batchnorm_demo": bn_demo,
+    }
+
+
+# %%
+if RUN:
+    ANSWERS["p2"] = problem2()
+
+# %% [markdown]
+# ## Problem 3 — Transformer
+#
+# ### Problem 3.1 — purpose of the positional embedding
+#
+# Self-attention is permutation-equivariant: it treats its input as a *set*. Each output
+# is a weighted sum over all positions with weights from content similarity only, so
+# shuffling the input tokens just shuffles the outputs, and "dog bites man" and "man bites
+# dog" would look the same. The positional embedding (a learned vector per position, or the
+# fixed sinusoids of the original paper) is added to the token embedding so that each
+# vector also carries *where* the token is; attention can then use absolute and relative
+# order (adjacency, word order, distance). With sinusoids, relative offsets are linear
+# functions of the encoding, which makes relative attention easy to learn.
+#
+# ### Problem 3.2 — why attention is scaled by $1/\sqrt{d_k}$
+#
+# If the components of $q$ and $k$ are independent with mean 0 and variance 1, then
+# $q\cdot k = \sum_{i=1}^{d_k} q_ik_i$ is a sum of $d_k$ independent terms of variance 1, so
+# $\mathrm{Var}(q\cdot k) = d_k$ and the logits have standard deviation $\sqrt{d_k}$. For large
+# $d_k$ the logits fed to the softmax are therefore large, the softmax **saturates** (almost
+# one-hot), and its Jacobian $\mathrm{diag}(p) - pp^\top$ is nearly zero, so almost no gradient
+# reaches $Q$ and $K$ and learning stalls. Dividing by $\sqrt{d_k}$ brings the logits back to
+# unit variance whatever $d_k$ is: $\mathrm{softmax}(QK^\top/\sqrt{d_k})V$.
+# `problem3()` checks this numerically with random unit-variance $q, k$ and 64 keys per
+# query: the sample variance of $q\cdot k$ tracks $d_k$, and without scaling the mean largest
+# softmax probability climbs towards 1 while the (median) norm of the softmax Jacobian
+# collapses by three orders of magnitude at $d_k = 1024$. With the scaling, both stay flat in $d_k$.
+#
+# ### Problem 3.3 — number of parameters
+#
+# Assumptions (the question leaves these open; each is checked against real PyTorch
+# modules below):
+# 1. one token-embedding table $V\times d$ shared by encoder and decoder inputs ("shared vocabulary");
+# 2. a **learned** positional embedding $L_{max}\times d = 512\times64$, shared by encoder and decoder;
+# 3. standard post-LN layers exactly as `nn.Transformer`: biases in every linear layer
+#    (Q, K, V, output projection, both FFN layers), 2 LayerNorms per encoder layer and 3 per
+#    decoder layer, each with weight and bias;
+# 4. a final LayerNorm after the encoder stack and after the decoder stack (as `nn.Transformer` has);
+# 5. an output projection $d\to V$ with bias, **not** tied to the embedding.
+#
+# With $d = 64$, $d_{ff} = 256$, $V = 4000$, $L_{max} = 512$ (the head count does not change the
+# count: the 8 heads split the $d$-dimensional Q/K/V projections into $8\times8$):
+#
+# | component | formula | count |
+# |---|---|---|
+# | token embedding | $Vd$ | 256,000 |
+# | positional embedding | $L_{max}d$ | 32,768 |
+# | multi-head attention | $3(d^2+d)$ (Q,K,V) $+ (d^2+d)$ (out) $= 4d^2+4d$ | 16,640 |
+# | FFN | $(dd_{ff}+d_{ff}) + (d_{ff}d+d)$ | 33,088 |
+# | LayerNorm | $2d$ | 128 |
+# | encoder layer | MHA + FFN + 2 LN | 49,984 |
+# | decoder layer | 2 MHA (self + cross) + FFN + 3 LN | 66,752 |
+# | final LayerNorms | $2\cdot2d$ | 256 |
+# | output projection | $dV + V$ | 260,000 |
+# | **total** | $Vd + L_{max}d + 3\cdot\text{enc} + 2\cdot\text{dec} + 4d + dV + V$ | **832,480** |
+#
+# Asides: tying the output projection to the embedding (keeping its bias) gives 576,480;
+# fixed sinusoidal positions would remove the 32,768 positional parameters.
+#
+# ### Problem 3.4 — memory for one SGD step, batch 16
+#
+# Setting: batch $B = 16$, source and target length $L = 512$ (the maximum), fp32 (4 bytes),
+# **dropout = 0** (stated so the count is exact; see the note at the end), plain SGD.
+#
+# $$\text{memory} = \underbrace{4P}_{\text{parameters}} + \underbrace{4P}_{\text{gradients}} + \underbrace{0}_{\text{SGD state}} + \text{activations saved for backward}$$
+#
+# with $P = 832{,}480$, i.e. 3.33 MB each for parameters and gradients. Plain SGD keeps no
+# state; momentum would add another $4P$ (velocity) and Adam $8P$ (two moments), which is
+# negligible here. Activations dominate. With $N_s = BL_s$, $N_t = BL_t$ tokens and $h = 8$
+# heads, autograd saves (in floats):
+#
+# * per **encoder** layer: self-attention: inputs of the QKV and output linears $2N_sd$,
+#   Q, K, V $3N_sd$, attention probabilities $BhL_s^2$; FFN: input of the first linear
+#   $N_sd$, ReLU output (= input of the second linear) $N_sd_{ff}$; two LayerNorms, each
+#   keeping its input and per-token mean and 1/std: $2(N_sd + 2N_s)$;
+# * per **decoder** layer: self-attention as above on the target, $5N_td + BhL_t^2$;
+#   cross-attention: inputs of the Q, output and KV linears $2N_td + N_sd$ (the KV input
+#   is the encoder memory), Q $N_td$, K, V $2N_sd$, probabilities $BhL_tL_s$; FFN
+#   $N_td + N_td_{ff}$; three LayerNorms $3(N_td + 2N_t)$;
+# * the final LayerNorms $(N_sd + 2N_s) + (N_td + 2N_t)$, the output projection's input $N_td$,
+#   and the cross-entropy's log-softmax output $N_tV$ (the logits themselves are not kept);
+# * int64 indices: source/target token ids and positions for the embedding lookups and the targets.
+#
+# Plugging in $N = 8192$: each probability map is $16\cdot8\cdot512\cdot512$ floats = 128 MiB,
+# seven of them (3 encoder self, 2 decoder self, 2 cross) make ~76 % of the total, and the
+# $8192\times4000$ log-probabilities another 125 MiB. Activations come to ≈ 1.23 GB and the
+# whole step to **≈ 1.24 GB (1.15 GiB)**, essentially all of it activations
+# (`problem3()` prints the exact byte counts).
+#
+# The cell below also **measures** one real step (forward, loss, backward and
+# `optimizer.step()`): every tensor autograd saves goes through a
+# `torch.autograd.graph.saved_tensors_hooks` pack hook, which records its storage (deduplicated
+# by the storage pointer, since views share storage; parameters' storages excluded because
+# they are counted separately). The estimate matches this attention implementation: PyTorch's
+# "math" attention backend, which materialises the $L\times L$ probabilities, so the
+# measurement forces that backend. On the CPU, PyTorch's default is a fused (flash-style)
+# kernel that never stores the probability matrix. Instead it keeps one log-sum-exp per
+# query row ($BhL$ floats per attention) and recomputes the probabilities in backward. The
+# same formula with that one term swapped is also printed and compared with a default-path
+# measurement.
+
+# %%
+P3_CONFIG = {"vocab": 4000, "d_model": 64, "n_heads": 8, "d_ff": 256,
+             "n_enc": 3, "n_dec": 2, "max_len": 512}
+
+P3_ASSUMPTIONS = [
+    "one token embedding table (vocab x d_model) shared by encoder and decoder inputs",
+    "learned positional embedding max_len x d_model (512 x 64), shared by encoder and decoder",
+    "standard post-LN layers as in nn.Transformer: biases in all linears (packed Q/K/V + output "
+    "projection, both FFN linears), 2 LayerNorms per encoder layer, 3 per decoder layer, "
+    "each LayerNorm with weight and bias",
+    "a final LayerNorm after the encoder stack and after the decoder stack (as nn.Transformer)",
+    "output projection d_model -> vocab with bias, not tied to the embedding",
+    "the number of heads does not change the count (8 heads of size 8 split the 64-d projections)",
+]
+
+
+def p3_param_formula(cfg=P3_CONFIG, tied=False):
+    """Parameter count per component from closed-form formulas (no torch involved)."""
+    d, f, V, L = cfg["d_model"], cfg["d_ff"], cfg["vocab"], cfg["max_len"]
+    linear = lambda n_in, n_out: n_in * n_out + n_out
+    layer_norm = 2 * d
+    mha = linear(d, 3 * d) + linear(d, d)
+    ffn = linear(d, f) + linear(f, d)
+    counts = {
+        "token_embedding": V * d,
+        "positional_embedding": L * d,
+        "encoder_layer": mha + ffn + 2 * layer_norm,
+        "decoder_layer": 2 * mha + ffn + 3 * layer_norm,
+        "final_layer_norms": 2 * layer_norm,
+        # a tied head reuses the embedding matrix and only adds its bias
+        "output_projection": (0 if tied else d * V) + V,
+    }
+    counts["total"] = (counts["token_embedding"] + counts["positional_embedding"]
+                       + cfg["n_enc"] * counts["encoder_layer"]
+                       + cfg["n_dec"] * counts["decoder_layer"]
+                       + counts["final_layer_norms"] + counts["output_projection"])
+    return counts
+
+
+class P3Seq2Seq(nn.Module):
+    """The Problem 3 model built from stock torch modules, under the assumptions above."""
+
+    def __init__(self, cfg=P3_CONFIG, dropout=0.0, tied=False):
+        super().__init__()
+        d = cfg["d_model"]
+        self.tok_emb = nn.Embedding(cfg["vocab"], d)
+        self.pos_emb = nn.Embedding(cfg["max_len"], d)
+        self.transformer = nn.Transformer(
+            d_model=d, nhead=cfg["n_heads"], num_encoder_layers=cfg["n_enc"],
+            num_decoder_layers=cfg["n_dec"], dim_feedforward=cfg["d_ff"],
+            dropout=dropout, batch_first=True)
+        self.lm_head = nn.Linear(d, cfg["vocab"])
+        if tied:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, src, tgt):
+        pos_s = torch.arange(src.shape[1], device=src.device)
+        pos_t = torch.arange(tgt.shape[1], device=tgt.device)
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device)
+        h = self.transformer(self.tok_emb(src) + self.pos_emb(pos_s),
+                             self.tok_emb(tgt) + self.pos_emb(pos_t),
+                             tgt_mask=causal, tgt_is_causal=True)
+        return self.lm_head(h)
+
+
+def p3_count_components(net):
+    """Parameter count per component, read off the built modules."""
+    n = lambda mod: sum(p.numel() for p in mod.parameters())
+    enc = net.transformer.encoder
+    dec = net.transformer.decoder
+    enc_layers = [n(layer) for layer in enc.layers]
+    dec_layers = [n(layer) for layer in dec.layers]
+    # identical layers are what makes "3 x encoder_layer" a valid way to count
+    assert len(set(enc_layers)) == 1 and len(set(dec_layers)) == 1, (enc_layers, dec_layers)
+    return {
+        "token_embedding": n(net.tok_emb),
+        "positional_embedding": n(net.pos_emb),
+        "encoder_layer": enc_layers[0],
+        "decoder_layer": dec_layers[0],
+        "final_layer_norms": n(enc.norm) + n(dec.norm),
+        "output_projection": sum(p.numel() for p in net.lm_head.parameters()
+                                 if p is not net.tok_emb.weight),
+        "n_encoder_layers": len(enc_layers),
+        "n_decoder_layers": len(dec_layers),
+        # parameters() yields a shared (tied) tensor once, so this is the true total
+        "total": sum(p.numel() for p in net.parameters()),
+    }
+
+
+def p3_check_param_counts(formula, net):
+    """Raise AssertionError unless the formula matches the built model, component by component."""
+    built = p3_count_components(net)
+    bad = [f"{k}: formula {formula[k]} != model {built[k]}"
+           for k in ("token_embedding", "positional_embedding", "encoder_layer",
+                     "decoder_layer", "final_layer_norms", "output_projection", "total")
+           if formula[k] != built[k]]
+    if bad:
+        raise AssertionError("parameter count mismatch: " + "; ".join(bad))
+    return built
+
+
+def p3_activation_estimate(cfg, batch, src_len, tgt_len, attention="math"):
+    """Bytes autograd keeps for backward in one training step, from the formulas in 3.4.
+
+    attention="math": the L x L probability maps are stored;
+    attention="fused": a flash-style kernel stores one log-sum-exp per query row instead.
+    """
+    d, f, V, h = cfg["d_model"], cfg["d_ff"], cfg["vocab"], cfg["n_heads"]
+    ne, nd = cfg["n_enc"], cfg["n_dec"]
+    B, Ls, Lt = batch, src_len, tgt_len
+    Ns, Nt = B * Ls, B * Lt
+    fp32, i64 = 4, 8
+    if attention == "math":
+        enc_att, dec_self_att, cross_att = B * h * Ls * Ls, B * h * Lt * Lt, B * h * Lt * Ls
+    elif attention == "fused":
+        enc_att, dec_self_att, cross_att = B * h * Ls, B * h * Lt, B * h * Lt
+    else:
+        raise ValueError(attention)
+    items = {
+        # encoder: QKV-, out- and FFN1-linear inputs; decoder: self QKV/out, cross Q/out, FFN1
+        # on the target side plus the cross-attention KV input (= encoder memory); lm head input
+        "linear_inputs": fp32 * d * (ne * 3 * Ns + nd * (5 * Nt + Ns) + Nt),
+        "q_k_v": fp32 * d * (ne * 3 * Ns + nd * (3 * Nt + Nt + 2 * Ns)),
+        "attention_maps" if attention == "math" else "attention_logsumexp":
+            fp32 * (ne * enc_att + nd * (dec_self_att + cross_att)),
+        "ffn_hidden": fp32 * f * (ne * Ns + nd * Nt),
+        # input + mean + rstd per LayerNorm; +1 per stack for the final norms
+        "layer_norms": fp32 * (d + 2) * ((2 * ne + 1) * Ns + (3 * nd + 1) * Nt),
+        "log_softmax": fp32 * Nt * V,
+        "int64_indices": i64 * (Ns + Nt + Nt + Ls + Lt),
+    }
+    items["total"] = sum(items.values())
+    return items
+
+
+def p3_attention_backend(kind):
+    """Context manager that pins scaled_dot_product_attention to a backend ("math"/"default")."""
+    import contextlib
+    import warnings
+
+    if kind == "default":
+        return contextlib.nullcontext()
+    if kind != "math":
+        raise ValueError(kind)
+    try:                                   # torch >= 2.3
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:                    # older torch: the global flags also drive CPU dispatch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                                  enable_mem_efficient=False)
+
+
+def p3_measure_step(net, batch, src_len, tgt_len, attention="math", seed=0):
+    """One real SGD step on the CPU; returns the bytes autograd saved for backward.
+
+    Every saved tensor passes through the pack hook; we record its *storage* (pointer ->
+    size) so views of one buffer are counted once and the whole buffer that stays alive is
+    counted, and we skip parameter storages (counted separately as parameters).
+    """
+    import time
+
+    vocab = net.lm_head.out_features
+    param_storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages and storage.nbytes() > 0:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        src = torch.randint(0, vocab, (batch, src_len))
+        tgt = torch.randint(0, vocab, (batch, tgt_len))
+        labels = torch.randint(0, vocab, (batch, tgt_len))
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with p3_attention_backend(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = net(src, tgt)
+            loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
+        del logits                         # not saved by autograd; free it before backward
+        loss.backward()
+        opt.step()
+        seconds = time.perf_counter() - t0
+    return {"saved_bytes": int(sum(saved.values())), "n_saved_storages": len(saved),
+            "loss": loss.item(), "seconds": float(seconds)}
+
+
+def p3_scaling_demo(d_ks=(4, 16, 64, 256, 1024), n_pairs=8000, n_keys=64, n_queries=256, seed=0):
+    """Var(q.k) grows like d_k; unscaled logits saturate the softmax and kill its gradient."""
+    out = {"d_k": list(d_ks), "var_qk": [], "max_prob_unscaled": [], "max_prob_scaled": [],
+           "softmax_jacobian_norm_unscaled": [], "softmax_jacobian_norm_scaled": []}
+    gen = torch.Generator().manual_seed(seed)
+    for dk in d_ks:
+        q = torch.randn(n_pairs, dk, generator=gen)
+        k = torch.randn(n_pairs, dk, generator=gen)
+        out["var_qk"].append(float((q * k).sum(1).double().var()))
+        Q = torch.randn(n_queries, dk, generator=gen, dtype=torch.float64)
+        K = torch.randn(n_keys, dk, generator=gen, dtype=torch.float64)
+        for tag, logits in (("unscaled", Q @ K.T), ("scaled", Q @ K.T / math.sqrt(dk))):
+            p = logits.softmax(-1)
+            # Jacobian of softmax, diag(p) - p p^T: its size is how much gradient flows back.
+            # Median over queries: the mean is dominated by the rare queries whose top two
+            # logits happen to tie.
+            jac = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            out[f"max_prob_{tag}"].append(float(p.max(-1).values.mean()))
+            out[f"softmax_jacobian_norm_{tag}"].append(float(jac.flatten(1).norm(dim=1).median()))
+    return out
+
+
+def problem3(measure_default_kernel=True):
+    """Problem 3: scaling demo (3.2), parameter count (3.3), memory estimate + measurement (3.4).
+
+    measure_default_kernel=False skips the second (aside) measurement with PyTorch's default
+    attention kernel, to save a few CPU seconds in tests; its key is then absent.
+    """
+    cfg = P3_CONFIG
+    print("Problem 3")
+
+    # ---- 3.2 ----
+    demo = p3_scaling_demo()
+    print("  3.2 unit-variance q, k; softmax over 64 keys; mean max p and median softmax-Jacobian")
+    print("      norm |J| over 256 queries, without and with the 1/sqrt(d_k) scaling")
+    print("      d_k   Var(q.k)   max p (no scale)  |J| (no scale)   max p (/sqrt d_k)  |J| (/sqrt d_k)")
+    for i, dk in enumerate(demo["d_k"]):
+        print(f"      {dk:4d} {demo['var_qk'][i]:9.1f}   {demo['max_prob_unscaled'][i]:15.3f}"
+              f"  {demo['softmax_jacobian_norm_unscaled'][i]:13.2e}   {demo['max_prob_scaled'][i]:16.3f}"
+              f"  {demo['softmax_jacobian_norm_scaled'][i]:14.2e}")
+
+    # ---- 3.3 ----
+    formula = p3_param_formula(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = P3Seq2Seq(cfg, dropout=0.0)
+        tied_net = P3Seq2Seq(cfg, dropout=0.0, tied=True)
+    built = p3_check_param_counts(formula, net)
+    tied = p3_param_formula(cfg, tied=True)
+    p3_check_param_counts(tied, tied_net)
+    print("  3.3 parameters (formula == built nn.Transformer model, checked per component):")
+    for k in ("token_embedding", "positional_embedding", "encoder_layer", "decoder_layer",
+              "final_layer_norms", "output_projection"):
+        mult = {"encoder_layer": f" x {cfg['n_enc']}", "decoder_layer": f" x {cfg['n_dec']}"}.get(k, "")
+        print(f"      {k:22s} {formula[k]:>9,d}{mult}")
+    print(f"      {'total':22s} {formula['total']:>9,d}   (sum(p.numel()) of the model: {built['total']:,d})")
+    print(f"      aside: output projection tied to the embedding -> {tied['total']:,d}")
+
+    # ---- 3.4 ----
+    B, L = 16, cfg["max_len"]
+    n_params = formula["total"]
+    param_bytes = 4 * n_params
+    est = p3_activation_estimate(cfg, B, L, L, attention="math")
+    est_fused = p3_activation_estimate(cfg, B, L, L, attention="fused")
+    meas = p3_measure_step(net, B, L, L, attention="math", seed=0)
+    meas_default = (p3_measure_step(net, B, L, L, attention="default", seed=0)
+                    if measure_default_kernel else None)
+    mib = lambda b: b / 2**20
+    print(f"  3.4 one SGD step, batch {B}, source/target length {L}, fp32, dropout 0:")
+    print(f"      parameters  {param_bytes:>14,d} B  ({mib(param_bytes):8.2f} MiB)")
+    print(f"      gradients   {param_bytes:>14,d} B  ({mib(param_bytes):8.2f} MiB)")
+    print(f"      SGD state   {0:>14,d} B  (momentum would add {mib(param_bytes):.2f} MiB, "
+          f"Adam {mib(2 * param_bytes):.2f} MiB)")
+    print("      activations, estimate by term (materialised attention):")
+    for k, v in est.items():
+        if k != "total":
+            print(f"        {k:20s} {v:>14,d} B  ({mib(v):8.2f} MiB)")
+    total = 2 * param_bytes + est["total"]
+    print(f"      activations estimate   {est['total']:>14,d} B  ({mib(est['total']):8.2f} MiB)")
+    print(f"      activations MEASURED   {meas['saved_bytes']:>14,d} B  ({mib(meas['saved_bytes']):8.2f} MiB)"
+          f"  math attention, {meas['n_saved_storages']} storages, step took {meas['seconds']:.1f} s")
+    print(f"      estimate / measured = {est['total'] / meas['saved_bytes']:.3f}")
+    print(f"      TOTAL (params + grads + state + activations estimate) = {total:,d} B "
+          f"({mib(total):.1f} MiB = {total / 2**30:.2f} GiB)")
+    if meas_default is not None:
+        print(f"      default attention kernel: estimate (fused, log-sum-exp only) "
+              f"{mib(est_fused['total']):.2f} MiB, measured {mib(meas_default['saved_bytes']):.2f} MiB "
+              f"(step took {meas_default['seconds']:.1f} s)")
+
+    memory = {
+        "parameters": int(param_bytes),
+        "gradients": int(param_bytes),
+        "optimizer_state": 0,
+        "activations": int(est["total"]),
+        "total": int(total),
+        "measured_activations": int(meas["saved_bytes"]),
+        "activations_fused_attention": int(est_fused["total"]),
+    }
+    measurement = {
+        "torch_version": torch.__version__,
+        "batch": B, "src_len": L, "tgt_len": L, "dropout": 0.0,
+        "math_step_seconds": meas["seconds"],
+        "math_saved_storages": meas["n_saved_storages"],
+    }
+    if meas_default is not None:
+        memory["measured_activations_default_attention"] = int(meas_default["saved_bytes"])
+        measurement["default_step_seconds"] = meas_default["seconds"]
+        measurement["default_saved_storages"] = meas_default["n_saved_storages"]
+
+    return {
+        "q2_scaling_demo": demo,
+        "q3_params": {
+            "token_embedding": formula["token_embedding"],
+            "positional_embedding": formula["positional_embedding"],
+            "encoder_layer": formula["encoder_layer"],
+            "decoder_layer": formula["decoder_layer"],
+            "final_layer_norms": formula["final_layer_norms"],
+            "output_projection": formula["output_projection"],
+            "total": formula["total"],
+            "total_tied_output_projection": tied["total"],
+            "assumptions": list(P3_ASSUMPTIONS),
+        },
+        "q4_memory_bytes": memory,
+        "q4_activation_breakdown": {k: int(v) for k, v in est.items()},
+        "q4_measurement": measurement,
+    }
+
+
+# %%
+if RUN:
+    ANSWERS["p3"] = problem3()
+
+# %% [markdown]
+# **Estimate vs. measurement (3.4).** On torch 2.14.1 (CPU) the formula gives 1,233,199,104
+# bytes of activations (1176.1 MiB) against 1,258,364,932 bytes measured with the math
+# attention backend, i.e. the estimate is 2 % low. The gap is exactly 12 tensors of
+# $N\!\cdot\!d$ floats (24 MiB). PyTorch's math attention splits the $1/\sqrt{d_k}$ between
+# Q and K (multiplying each by $d_k^{-1/4}$ before the matmul, for numerical range), so autograd keeps
+# those scaled copies *in addition to* the packed QKV buffer (which stays alive because V is
+# a view into it): +2 per self-attention and +1 per cross-attention (where the unscaled Q is
+# not kept). The measured number also contains one 4-byte scalar (the cross-entropy's total
+# weight, i.e. the number of targets). Neither number covers what is not saved *for
+# backward*: transient peaks such as the $8192\times4000$ logits (125 MiB), which exist until
+# the log-softmax is taken, the gradients of the activations during backward, and allocator
+# and framework overhead.
+#
+# With PyTorch's default (fused, flash-style) CPU attention, the $L\times L$ maps are never
+# stored: the formula with the log-sum-exp term instead predicts 295,510,016 bytes, and the
+# measurement gives 295,510,020 (the same 4-byte scalar). The attention output costs
+# nothing extra there: it already has the layout the output projection reads, so the two
+# share one storage. This fused path is why long-sequence Transformers fit in memory
+# in practice. The numbers may differ slightly with other torch versions, which can pick
+# different kernels (the notebook prints them each run).
+#
+# *Dropout.* With `nn.Transformer`'s default dropout of 0.1 every dropout site would also
+# keep a mask, and dropout on the attention probabilities would keep two more
+# $L\times L$ tensors per attention (on the CPU, PyTorch's composite dropout keeps an fp32 mask
+# and the dropped-out probabilities), roughly tripling the dominant attention term.
+
+# %% [markdown]
+# ### Problem 3.5 — BERT's training objective
+#
+# BERT (an encoder-only Transformer) is pre-trained on two self-supervised tasks, with their
+# losses summed:
+#
+# 1. **Masked language modelling (MLM).** 15 % of the input WordPiece tokens are selected at
+#    random; of those, 80 % are replaced by `[MASK]`, 10 % by a random token and 10 % are left
+#    unchanged (so the model cannot rely on seeing `[MASK]`, which never occurs at fine-tuning
+#    time). The model predicts the original token at the selected positions only,
+#    cross-entropy over the vocabulary. Because attention is bidirectional, each prediction
+#    uses both left and right context.
+# 2. **Next sentence prediction (NSP).** The input is a pair `[CLS] A [SEP] B [SEP]`; in 50 %
+#    of pairs B really follows A, in 50 % it is a random sentence. A binary classifier on the
+#    `[CLS]` representation predicts IsNext / NotNext, to teach sentence-pair relations
+#    (useful for QA and NLI). Later work (RoBERTa) found NSP unnecessary.
+#
+# ### Problem 3.6 (bonus) — can BERT generate text?
+#
+# Not naturally. BERT is not an autoregressive language model: it was never trained to model
+# $p(x_t\mid x_{<t})$, only to fill in a few masked tokens given an almost complete,
+# bidirectional context, so there is no left-to-right factorisation to sample from and no
+# causal mask/KV cache for efficient decoding. Text *can* be squeezed out of it, e.g. start
+# from all `[MASK]` tokens (or append masks to a prompt) and repeatedly predict and resample
+# positions (Gibbs-style sampling, as in Wang & Cho 2019, "BERT has a mouth and it must
+# speak"), or use iterative mask-predict refinement as in non-autoregressive translation, or
+# generate left to right by appending one `[MASK]` at a time. These procedures are slow (many
+# full passes), need the output length fixed in advance, and give less fluent, less coherent
+# text than a decoder. For generation one uses a decoder (GPT-style causal LM) or an
+# encoder-decoder (T5/BART, the latter trained with a denoising objective precisely so that
+# it can generate). BERT's strength is understanding (classification, tagging, extractive QA).
+
+# %% [markdown]
+# ### Answers file
+# Problems 1–3 as machine-readable numbers (`answers.json`). With `--answers-only` the run ends
+# here; otherwise the file is written at the end together with the other outputs.
+
+# %%
+T_ANSWERS = time.time() - T_START if RUN else 0.0
+if RUN and CFG.answers_only:
+    write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)
+    print(f"wrote {os.path.join(CFG.output_dir, 'answers.json')} ({T_ANSWERS:.1f} s)")
+
+# %% [markdown]
+# ## Problem 4 — CIFAR-10 classification
+#
+# ### Data loading
+#
+# The training data is the standard `cifar-10-batches-py` folder (pickled dicts). Pickle can run
+# arbitrary code, so the batches are read with a **restricted unpickler** that only rebuilds what
+# the format contains (dicts, lists, bytes, ints and one uint8 numpy array) and refuses anything
+# else. Images stay uint8 (N×3×32×32) until they are on the training device.
+#
+# Where the data comes from, in order: `--data-dir`; any `cifar-10-batches-py` under
+# `/kaggle/input`; `./data`; else a torchvision download (needs internet). A path given explicitly
+# is never silently replaced: if it is wrong, that is the error.
+
+# %%
+class _CifarUnpickler(pickle.Unpickler):
+    # Exactly the globals a CIFAR-10 batch (Python 2 or 3, numpy 1 or 2) refers to.
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar_batch(path):
+    """One batch file -> (uint8 images N×3×32×32, int64 labels N). Raises HW2Error on bad files."""
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise HW2Error(f"{path}: not a CIFAR-10 batch ({e})") from None
+    except OSError as e:
+        raise HW2Error(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # truncated / garbage bytes surface as many exception types
+        raise HW2Error(f"{path}: corrupted or truncated batch file ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise HW2Error(f"{path}: not a CIFAR-10 batch (holds a {type(obj).__name__}, not a dict)")
+    obj = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    data, labels = obj.get("data"), obj.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise HW2Error(f"{path}: 'data' must be a uint8 numpy array")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] == 0:
+        raise HW2Error(f"{path}: 'data' has shape {data.shape}, expected N×3072 (32×32 RGB) with N > 0")
+    if not isinstance(labels, (list, tuple)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise HW2Error(f"{path}: 'labels' must be a list of ints")
+    if len(labels) != len(data):
+        raise HW2Error(f"{path}: {len(data)} images but {len(labels)} labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() > 9:
+        raise HW2Error(f"{path}: labels out of range 0..9 (found {labels.min()}..{labels.max()})")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _batches_folder(path):
+    """`path` or `path/cifar-10-batches-py`, whichever holds data_batch_1, else None."""
+    for cand in (path, os.path.join(path, "cifar-10-batches-py")):
+        if os.path.isfile(os.path.join(cand, "data_batch_1")):
+            return cand
+    return None
+
+
+def find_data_dir(data_dir=None, allow_download=True):
+    """Resolve the training-data folder; returns (folder or None, how it was found)."""
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise HW2Error(f"--data-dir {data_dir}: no such directory")
+        folder = _batches_folder(data_dir)
+        if folder is None:
+            raise HW2Error(f"--data-dir {data_dir}: no CIFAR-10 batch files "
+                           "(expected data_batch_1..5, optionally inside cifar-10-batches-py/)")
+        return folder, "--data-dir"
+    for cand in sorted(glob.glob("/kaggle/input/**/cifar-10-batches-py", recursive=True)):
+        if _batches_folder(cand):
+            return cand, "/kaggle/input"
+    if _batches_folder("data"):
+        return _batches_folder("data"), "./data"
+    if not allow_download:
+        return None, "none"
+    try:
+        import torchvision
+        torchvision.datasets.CIFAR10("data", train=True, download=True)
+    except Exception as e:
+        raise HW2Error("no CIFAR-10 data found (--data-dir, /kaggle/input, ./data) and the download "
+                       f"failed ({type(e).__name__}): on Kaggle add the CIFAR-10 dataset or turn "
+                       "Internet on, or pass --data-dir") from None
+    return _batches_folder("data"), "download"
+
+
+def load_cifar_train(folder):
+    """All five training batches (fails if one is missing) and the optional labelled test batch."""
+    parts = []
+    for i in range(1, 6):
+        path = os.path.join(folder, f"data_batch_{i}")
+        if not os.path.isfile(path):
+            raise HW2Error(f"{path}: missing (a CIFAR-10 folder has data_batch_1..5)")
+        parts.append(read_cifar_batch(path))
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    test_path = os.path.join(folder, "test_batch")
+    test = read_cifar_batch(test_path) if os.path.isfile(test_path) else None
+    return x, y, test
+
+
+def read_test_npy(path):
+    """test.npy -> uint8 N×3×32×32. Accepts uint8 or float in [0,1], NHWC or NCHW; rejects the rest."""
+    if not os.path.isfile(path):
+        raise HW2Error(f"--test-npy {path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise HW2Error(f"--test-npy {path}: not a .npy file")
+    try:
+        arr = np.load(path, allow_pickle=False)  # never unpickle: object arrays are refused
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise HW2Error(f"--test-npy {path}: holds Python objects, not image numbers") from None
+        raise HW2Error(f"--test-npy {path}: unreadable .npy ({e})") from None
+    except Exception as e:
+        raise HW2Error(f"--test-npy {path}: corrupted or truncated .npy ({type(e).__name__})") from None
+    if arr.dtype.kind not in "uif":
+        raise HW2Error(f"--test-npy {path}: dtype {arr.dtype} is not numeric")
+    if arr.ndim != 4:
+        raise HW2Error(f"--test-npy {path}: shape {arr.shape}, expected N×32×32×3 or N×3×32×32")
+    if arr.shape[0] == 0:
+        raise HW2Error(f"--test-npy {path}: holds zero images")
+    if arr.shape[1:] == (32, 32, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    elif arr.shape[1:] != (3, 32, 32):
+        raise HW2Error(f"--test-npy {path}: shape {arr.shape}, expected N×32×32×3 or N×3×32×32")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind in "iu":
+        if arr.min() < 0 or arr.max() > 255:
+            raise HW2Error(f"--test-npy {path}: integer values outside 0..255")
+        return np.ascontiguousarray(arr.astype(np.uint8))
+    if not np.isfinite(arr).all():
+        raise HW2Error(f"--test-npy {path}: contains NaN or inf")
+    if arr.min() < 0 or arr.max() > 1:
+        raise HW2Error(f"--test-npy {path}: float values outside [0, 1] "
+                       f"(found {arr.min():.3g}..{arr.max():.3g})")
+    return np.ascontiguousarray(np.round(arr * 255).astype(np.uint8))
+
+
+def read_sample_submission(test_npy_path, n_test):
+    """The competition's sample_submission.csv beside test.npy, if any (checked against N)."""
+    if test_npy_path is None:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(test_npy_path)), "sample_submission.csv")
+    if not os.path.isfile(path):
+        return None
+    import pandas as pd
+    try:
+        sample = pd.read_csv(path)
+    except Exception as e:
+        raise HW2Error(f"{path}: unreadable CSV ({type(e).__name__})") from None
+    if sample.shape[1] < 2:
+        raise HW2Error(f"{path}: expected an id column and a label column")
+    if len(sample) != n_test:
+        raise HW2Error(f"{path}: {len(sample)} rows but the test set has {n_test} images")
+    return sample
+
+
+def synthetic_cifar(n, seed):
+    """Stand-in images when no real data is at hand (smoke preset only): a learnable pattern per class."""
+    g = np.random.default_rng(seed)
+    labels = g.integers(0, 10, n)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    images = np.empty((n, 3, 32, 32), np.float32)
+    for c in range(10):
+        ang = math.pi * c / 10
+        base = 0.5 + 0.4 * np.sin(6 * (xx * math.cos(ang) + yy * math.sin(ang)))
+        idx = labels == c
+        images[idx] = base[None, None] * np.array([1.0, 0.5 + c / 20, 1.0 - c / 20])[None, :, None, None]
+    images += g.normal(0, 0.08, images.shape)
+    return np.clip(images * 255, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def split_train_val(x, y, val_size):
+    if val_size >= len(x):
+        raise HW2Error(f"--val-size {val_size}: must be below the {len(x)} training images")
+    perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(x))
+    val, train = perm[:val_size], perm[val_size:]
+    return x[train], y[train], x[val], y[val]
+
+
+def load_data(cfg, preset):
+    """Everything the run needs, validated before any training: train/val/test arrays."""
+    smoke = cfg.preset == "smoke"
+    explicit_test = cfg.test_npy is not None
+    test_path = cfg.test_npy if explicit_test else (KAGGLE_TEST_NPY if os.path.isfile(KAGGLE_TEST_NPY) else None)
+    test_x = read_test_npy(test_path) if test_path else None
+    sample = read_sample_submission(test_path, len(test_x)) if test_path else None
+    folder, source = find_data_dir(cfg.data_dir, allow_download=not smoke)
+    if folder is None:  # smoke only: no real data anywhere, no download
+        x, y = synthetic_cifar(preset["n_train"] + 500, cfg.seed)
+        test_batch, source = None, "synthetic"
+        if test_x is None:
+            test_x = synthetic_cifar(preset["n_test"], cfg.seed + 1)[0]
+            test_path = "synthetic"
+    else:
+        x, y, test_batch = load_cifar_train(folder)
+    test_y = None
+    if test_x is None and test_batch is not None:  # local run: CIFAR-10's own test split
+        test_x, test_y, test_path = test_batch[0], test_batch[1], os.path.join(folder, "test_batch")
+    if smoke and test_x is None:  # real data but nothing to predict: a synthetic dry run
+        test_x, test_path = synthetic_cifar(preset["n_test"], cfg.seed + 1)[0], "synthetic"
+    if smoke:  # a few hundred images, still every code path
+        x, y = x[:preset["n_train"] + 128], y[:preset["n_train"] + 128]
+        if test_y is not None or test_path == "synthetic" or not explicit_test:
+            test_x = test_x[:preset["n_test"]] if test_x is not None else None
+            test_y = test_y[:preset["n_test"]] if test_y is not None else None
+    val_size = cfg.val_size
+    if val_size is None:
+        val_size = 128 if smoke else (0 if (test_path and test_y is None) else 5000)
+    tx, ty, vx, vy = split_train_val(x, y, val_size)
+    return dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=test_x, test_y=test_y,
+                test_path=test_path, sample=sample, source=source, folder=folder)
+
+
+# %% [markdown]
+# ### Hardware
+#
+# `torch.cuda.is_available()` is not enough: a torch wheel built without kernels for the card's
+# architecture (e.g. Kaggle's P100, sm_60, with a cu128 build) fails on the first CUDA op. The
+# choice is a small pure function of (capability, compiled arch list, flags), followed by a
+# probe op on the real device.
+
+# %%
+def cuda_arch_supported(capability, arch_list):
+    """Can a torch built for `arch_list` (e.g. ['sm_75', 'sm_80', 'compute_90']) run on `capability`?"""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit():
+            continue
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True  # SASS runs on the same major arch, same or newer minor
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True  # PTX is JIT-compiled for newer cards
+    return False
+
+
+def select_hardware(device, capability, arch_list, precision="auto", compile_model=False, preset=None):
+    """Pure: (requested device, CUDA capability or None, compiled archs, flags) -> plan or HW2Error.
+
+    Returns dict(device, precision, compile, preset, note)."""
+    note = ""
+    use_cuda = False
+    if device in ("auto", "cuda"):
+        if capability is None:
+            if device == "cuda":
+                raise HW2Error("--device cuda: no CUDA GPU is visible (on Kaggle: Settings -> "
+                               "Accelerator -> GPU T4)")
+            note = "no GPU found: running on the CPU"
+        elif not cuda_arch_supported(capability, arch_list):
+            cap = f"sm_{capability[0]}{capability[1]}"
+            advice = (f"this torch build has kernels for {', '.join(arch_list) or 'no GPU'} but the "
+                      f"GPU is {cap}: on Kaggle switch the accelerator to GPU T4, or install a torch "
+                      "build that supports it (e.g. a cu126 wheel)")
+            if device == "cuda":
+                raise HW2Error(f"--device cuda: {advice}")
+            note = f"GPU unusable ({advice}); falling back to the CPU"
+        else:
+            use_cuda = True
+    dev = "cuda" if use_cuda else "cpu"
+    if precision == "auto":
+        precision = "fp16" if use_cuda else "fp32"
+    if precision in ("fp16", "bf16") and not use_cuda:
+        raise HW2Error(f"--precision {precision}: needs a CUDA GPU; the CPU trains in fp32")
+    if precision == "bf16" and capability < (8, 0):
+        raise HW2Error(f"--precision bf16: needs sm_80+ (Ampere or newer), this GPU is "
+                       f"sm_{capability[0]}{capability[1]}: use fp16")
+    if compile_model and not (use_cuda and capability >= (7, 0)):
+        raise HW2Error("--compile: needs a CUDA GPU of sm_70+ (Triton); drop the flag")
+    if preset is None or (note and preset == "full"):
+        preset = "full" if use_cuda else "quick"  # the CPU can't run the GPU recipe in useful time
+    return dict(device=dev, precision=precision, compile=compile_model, preset=preset, note=note)
+
+
+def probe_cuda():
+    """A tiny conv on the GPU: catches 'no kernel image is available' before training starts."""
+    try:
+        x = torch.ones(2, 3, 8, 8, device="cuda")
+        w = torch.ones(4, 3, 3, 3, device="cuda")
+        F.conv2d(x, w).sum().item()
+        return None
+    except Exception as e:
+        return str(e).splitlines()[0]
+
+
+def choose_hardware(cfg):
+    cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
+    arch = torch.cuda.get_arch_list() if cap else []
+    plan = select_hardware(cfg.device, cap, arch, cfg.precision, cfg.compile, cfg.preset)
+    if plan["device"] == "cuda":
+        err = probe_cuda()
+        if err:
+            if cfg.device == "cuda":
+                raise HW2Error(f"--device cuda: the GPU fails a test op ({err}); on Kaggle switch "
+                               "the accelerator to GPU T4")
+            plan = select_hardware("cpu", None, [], "auto", False, cfg.preset)
+            plan["note"] = f"GPU fails a test op ({err}); falling back to the CPU"
+    plan["name"] = torch.cuda.get_device_name(0) if plan["device"] == "cuda" else platform.processor() or "CPU"
+    return plan
+
+
+if RUN and not CFG.answers_only:
+    HW = choose_hardware(CFG)
+    CFG.preset = HW["preset"]
+    if HW["note"]:
+        print("note:", HW["note"])
+    T0 = time.time()
+    DATA = load_data(CFG, PRESETS[CFG.preset])
+    T_DATA = time.time() - T0
+    print(f"data: {len(DATA['train_x'])} train / {len(DATA['val_x'])} val images from {DATA['source']}"
+          f"; test: {0 if DATA['test_x'] is None else len(DATA['test_x'])} images from "
+          f"{DATA['test_path']} ({T_DATA:.1f} s)")
+
+# %% [markdown]
+# ### Model: a residual CNN with a whitened stem
+#
+# The network follows the ResNet-9 / airbench line that tops CIFAR-10 speed runs:
+#
+# * **Whitening stem**: a 2×2 convolution whose 24 filters are the ± eigenvectors of the
+#   covariance of 2×2 training patches, scaled by 1/√eigenvalue. The input arrives decorrelated,
+#   which makes the first epochs much more productive. Its weights are frozen; its bias trains for
+#   the first epochs.
+# * **Three residual groups** (32→16→8→4 spatial halving, here 31→15→7→3): conv → max-pool → BN →
+#   GELU, then a residual block (conv-BN-GELU-conv-BN + skip).
+# * Convolutions are initialised to the identity on their first channels (Dirac), so each layer
+#   starts close to passing its input through; BatchNorm scales are frozen at 1 (only shifts learn).
+# * A 3×3 max-pool, a bias-free linear layer and a fixed 1/9 output scale (a temperature).
+
+# %%
+class Conv(nn.Conv2d):
+    def __init__(self, c_in, c_out, kernel_size=3, padding="same", bias=False):
+        super().__init__(c_in, c_out, kernel_size=kernel_size, padding=padding, bias=bias)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.bias is not None:
+            self.bias.data.zero_()
+        w = self.weight.data
+        torch.nn.init.dirac_(w[:w.size(1)])  # near-identity start: an implicit residual
+
+
+class BatchNorm(nn.BatchNorm2d):
+    def __init__(self, channels):
+        super().__init__(channels, eps=1e-12)
+        self.weight.requires_grad = False  # only the shift learns; the scale is redundant with the conv
+
+
+class ResGroup(nn.Module):
+    """conv -> pool -> BN -> GELU, then (optionally) a residual block; halves the resolution."""
+
+    def __init__(self, c_in, c_out, residual=True):
+        super().__init__()
+        self.conv1, self.norm1 = Conv(c_in, c_out), BatchNorm(c_out)
+        self.pool = nn.MaxPool2d(2)
+        self.residual = residual
+        if residual:
+            self.conv2, self.norm2 = Conv(c_out, c_out), BatchNorm(c_out)
+            self.conv3, self.norm3 = Conv(c_out, c_out), BatchNorm(c_out)
+
+    def forward(self, x):
+        x = F.gelu(self.norm1(self.pool(self.conv1(x))))
+        if not self.residual:
+            return x
+        skip = x
+        x = F.gelu(self.norm2(self.conv2(x)))
+        x = self.norm3(self.conv3(x))
+        return F.gelu(x + skip)
+
+
+class Net(nn.Module):
+    def __init__(self, widths, residual=(True, True, True), n_classes=10):
+        super().__init__()
+        self.whiten = Conv(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False
+        self.groups = nn.Sequential(ResGroup(24, widths[0], residual[0]),
+                                    ResGroup(widths[0], widths[1], residual[1]),
+                                    ResGroup(widths[1], widths[2], residual[2]))
+        self.head = nn.Linear(widths[2], n_classes, bias=False)
+
+    def forward(self, x):
+        x = self.groups(F.gelu(self.whiten(x)))
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) / 9  # fixed temperature: keeps early logits small
+
+
+@torch.no_grad()
+def init_whitening(conv, images, eps=5e-4):
+    """Set the 2×2 stem to the ± whitening filters of the patches of `images` (normalised float)."""
+    c, h, w = images.shape[1], *conv.weight.shape[2:]
+    patches = images.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w).float()
+    cov = patches.T @ patches / len(patches)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    filters = (eigvec.T / torch.sqrt(eigval + eps)[:, None]).flip(0).reshape(-1, c, h, w)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+if RUN and not CFG.answers_only:
+    _m = Net(PRESETS[CFG.preset]["widths"], PRESETS[CFG.preset]["residual"])
+    print(f"model: Net(widths={PRESETS[CFG.preset]['widths']}) with {count_params(_m):,} parameters")
+    del _m
+
+# %% [markdown]
+# ### Training on the GPU
+#
+# * The whole dataset sits on the device as uint8; each epoch is augmented there in a few
+#   tensor ops (no DataLoader): **random translation** by reflect padding + crop, **alternating
+#   flip** (each image is flipped in every other epoch, a fixed random half starting flipped:
+#   every image is seen both ways every two epochs, less redundant than coin flips), and
+#   optional **cutout**.
+# * **Nesterov SGD** with decoupled lr/wd, **linear warm-up then linear decay to 0**,
+#   **label smoothing** 0.2, BatchNorm shifts at 64× the learning rate.
+# * **Lookahead/EMA**: every 5 steps the weights are pulled towards a slow exponential average
+#   whose decay rises as (step/total)³; the final weights are that average.
+# * fp16 autocast + GradScaler and channels_last on CUDA (bf16 only if asked, sm_80+); fp32 on CPU.
+# * A checkpoint each epoch (`checkpoint.pt`) so `--resume` continues a run that Kaggle killed;
+#   on CUDA out-of-memory the run restarts once at half the batch size.
+
+# %%
+CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]) * 255
+CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]) * 255
+
+
+def normalize(images_u8, dtype=torch.float32):
+    mean = CIFAR_MEAN.to(images_u8.device).view(1, 3, 1, 1)
+    std = CIFAR_STD.to(images_u8.device).view(1, 3, 1, 1)
+    return ((images_u8.float() - mean) / std).to(dtype)
+
+
+def random_translate(images, pad, gen):
+    """Reflect-pad by `pad` and crop back to the original size at a random offset per image."""
+    if pad == 0:
+        return images
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    idx_n = torch.arange(n, device=images.device)[:, None, None, None]
+    idx_c = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def cutout(images, size, gen):
+    """Zero (= the mean after normalisation) one random size×size square per image."""
+    if size == 0:
+        return images
+    n, _, h, w = images.shape
+    y0 = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=images.device, generator=gen)
+    x0 = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=images.device, generator=gen)
+    ys = torch.arange(h, device=images.device).view(1, 1, h, 1)
+    xs = torch.arange(w, device=images.device).view(1, 1, 1, w)
+    mask = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return images.masked_fill(mask, 0)
+
+
+def augment_epoch(images_u8, epoch, base_flip, hp, gen, dtype=torch.float32):
+    """One epoch's augmented copy of the (on-device, uint8) training set."""
+    x = normalize(images_u8, dtype)
+    flip = base_flip ^ bool(epoch % 2)  # alternating flip
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = random_translate(x, hp["translate"], gen)
+    return cutout(x, hp["cutout"], gen)
+
+
+class Lookahead:
+    """Slow weights: every few steps, slow ← lerp(slow, fast, 1-decay), then fast ← slow."""
+
+    def __init__(self, model):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model, decay):
+        state = model.state_dict()
+        for k, slow in self.slow.items():
+            slow.lerp_(state[k], 1 - decay)
+            state[k].copy_(slow)
+
+
+def lr_factor(step, total, warmup):
+    """Linear warm-up from 0.2 to 1, then linear decay to 0."""
+    n_warm = max(1, int(total * warmup))
+    if step < n_warm:
+        return 0.2 + 0.8 * step / n_warm
+    return max(0.0, (total - step) / max(1, total - n_warm))
+
+
+def make_optimizer(model, hp, batch_size):
+    # Decoupled -> PyTorch units: Nesterov momentum m multiplies the steady-state step by 1+1/(1-m).
+    kilo = 1024 * (1 + 1 / (1 - hp["momentum"]))
+    lr, wd = hp["lr"] / kilo, hp["wd"] * batch_size / kilo
+    lr_bias = lr * hp["bias_lr_scale"]
+    biases = [p for n, p in model.named_parameters() if "norm" in n and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if "norm" not in n and p.requires_grad]
+    groups = [dict(params=biases, lr=lr_bias, weight_decay=wd / lr_bias, base_lr=lr_bias),
+              dict(params=others, lr=lr, weight_decay=wd / lr, base_lr=lr)]
+    # the whitening bias trains only for the first epochs; it joins "others" via requires_grad
+    return torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=True)
+
+
+def autocast_ctx(device, precision):
+    if device == "cuda" and precision in ("fp16", "bf16"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(i, n, t0, width=30):
+    done = int(width * (i + 1) / n)
+    sys.stderr.write(f"\r  [{'#' * done}{'.' * (width - done)}] {i + 1}/{n} steps {time.time() - t0:5.1f} s")
+    if i + 1 == n:
+        sys.stderr.write("\r" + " " * (width + 40) + "\r")
+    sys.stderr.flush()
+
+
+@torch.no_grad()
+def predict_logits(model, images_u8, device, precision, tta=0, batch_size=1000):
+    """Logits for uint8 images; tta 1 = average with the mirror image, 2 = also ±1-pixel shifts."""
+    model.eval()
+    out = []
+    for chunk in torch.from_numpy(images_u8).split(batch_size):
+        x = normalize(chunk.to(device)).contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(device, precision):
+            def mirror(v):
+                return 0.5 * model(v).float() + 0.5 * model(v.flip(-1)).float() if tta >= 1 else model(v).float()
+            logits = mirror(x)
+            if tta >= 2:
+                padded = F.pad(x, (1,) * 4, mode="reflect")
+                shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # up-left, down-right
+                logits = 0.5 * logits + 0.25 * sum(mirror(s) for s in shifted)
+        out.append(logits.cpu())
+    return torch.cat(out)
+
+
+def accuracy(logits, labels):
+    return float((logits.argmax(1).numpy() == labels).mean()) if len(labels) else float("nan")
+
+
+def _checkpoint(model, lookahead, opt, scaler, epoch, step, history, base_flip, gen, extra):
+    return dict(model=model.state_dict(), slow=lookahead.slow, opt=opt.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else {}, epoch=epoch, step=step,
+                history=history, base_flip=base_flip.cpu(), gen=gen.get_state(),
+                cpu_rng=torch.get_rng_state(), **extra)
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except Exception as e:
+        raise HW2Error(f"{path}: not a usable checkpoint ({type(e).__name__})") from None
+
+
+def train(data, hp, hw, cfg, epochs, batch_size, log=print):
+    """Train from scratch (or --resume); returns (model, history). Prints one line per epoch."""
+    device, precision = hw["device"], hw["precision"]
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    train_x = torch.from_numpy(data["train_x"]).to(device)
+    train_y = torch.from_numpy(data["train_y"]).to(device)
+    n = len(train_x)
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size
+    total = epochs * steps_per_epoch
+    # channels_last: tensor-core layout on CUDA, and ~2x faster oneDNN convolutions on the CPU
+    model = Net(hp["widths"], hp["residual"]).to(device, memory_format=torch.channels_last)
+    init_whitening(model.whiten, normalize(train_x[:5000]))
+    opt = make_optimizer(model, hp, batch_size)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    lookahead = Lookahead(model)
+    base_flip = torch.rand(n, device=device, generator=gen) < 0.5
+    history, start_epoch, step = [], 0, 0
+    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
+    identity = dict(preset=cfg.preset, seed=cfg.seed, epochs=epochs, batch_size=batch_size, n_train=n)
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise HW2Error(f"--resume: {ckpt_path} does not exist (nothing to resume)")
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("identity") != identity:
+            raise HW2Error(f"--resume: {ckpt_path} is from another run ({ck.get('identity')}), "
+                           f"this run is {identity}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if scaler is not None and ck["scaler"]:
+            scaler.load_state_dict(ck["scaler"])
+        lookahead.slow = {k: v.to(device) for k, v in ck["slow"].items()}
+        base_flip = ck["base_flip"].to(device)
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["cpu_rng"])
+        history, start_epoch, step = ck["history"], ck["epoch"] + 1, ck["step"]
+        log(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
+    compiled = torch.compile(model) if hw["compile"] else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"], reduction="sum")
+    log(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_acc':>7} {'lr':>8} {'seconds':>7}")
+    for row in history:
+        log(_epoch_line(row))
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        model.train()
+        model.whiten.bias.requires_grad = epoch < hp["whiten_bias_epochs"]
+        x_epoch = augment_epoch(train_x, epoch, base_flip, hp, gen,
+                                torch.float16 if precision == "fp16" else torch.float32)
+        x_epoch = x_epoch.contiguous(memory_format=torch.channels_last)
+        perm = torch.randperm(n, device=device, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            inputs, labels = x_epoch[idx], train_y[idx]
+            f = lr_factor(step, total, hp["warmup"])
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            with autocast_ctx(device, precision):
+                out = compiled(inputs)
+                loss = loss_fn(out.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            step += 1
+            if step % 5 == 0 or step == total:
+                lookahead.update(model, 1.0 if step == total else 0.95 ** 5 * (step / total) ** 3)
+            loss_sum += loss.detach()
+            correct += (out.argmax(1) == labels).sum()
+            if device == "cpu" and steps_per_epoch >= 20 and sys.stderr.isatty():
+                progress(i, steps_per_epoch, t0)
+        seen = steps_per_epoch * batch_size
+        row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
+                   val_acc=None, lr=opt.param_groups[1]["lr"], seconds=0.0)
+        if len(data["val_x"]) and (epoch + 1 == epochs or cfg.preset != "quick"):
+            row["val_acc"] = accuracy(predict_logits(model, data["val_x"], device, precision),
+                                      data["val_y"])
+        row["seconds"] = time.time() - t0
+        history.append(row)
+        log(_epoch_line(row))
+        save_torch(ckpt_path, _checkpoint(model, lookahead, opt, scaler, epoch, step, history,
+                                          base_flip, gen, dict(identity=identity)))
+    return model, history
+
+
+def _epoch_line(r):
+    val = f"{r['val_acc']:7.4f}" if r["val_acc"] is not None else f"{'-':>7}"
+    return (f"{r['epoch']:5d} {r['train_loss']:10.4f} {r['train_acc']:9.4f} {val} "
+            f"{r['lr']:8.5f} {r['seconds']:7.2f}")
+
+
+def train_with_oom_retry(data, hp, hw, cfg):
+    epochs = cfg.epochs or hp["epochs"]
+    try:
+        return train(data, hp, hw, cfg, epochs, hp["batch_size"]) + (hp["batch_size"],)
+    except torch.cuda.OutOfMemoryError:
+        half = hp["batch_size"] // 2
+        print(f"CUDA out of memory at batch {hp['batch_size']}: retrying once at batch {half}")
+        torch.cuda.empty_cache()
+        cfg.resume = False  # the checkpoint (if any) is for the other batch size
+        return train(data, hp, hw, cfg, epochs, half) + (half,)
+
+
+if RUN and not CFG.answers_only:
+    HP = dict(PRESETS[CFG.preset])
+    print(f"run: preset {CFG.preset} | seed {CFG.seed} | device {HW['device']} ({HW['name']}) | "
+          f"precision {HW['precision']} | torch {torch.__version__} | epochs {CFG.epochs or HP['epochs']}")
+    if HW["device"] == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        torch.backends.cudnn.benchmark = True
+    T0 = time.time()
+    if CFG.predict_only:
+        MODEL_PATH = os.path.join(CFG.output_dir, "model.pt")
+        if not os.path.isfile(MODEL_PATH):
+            raise HW2Error(f"--predict-only: {MODEL_PATH} does not exist (train first)")
+        _saved = load_checkpoint(MODEL_PATH)
+        if _saved.get("preset") != CFG.preset:
+            raise HW2Error(f"--predict-only: {MODEL_PATH} holds a {_saved.get('preset')} model, "
+                           f"not {CFG.preset}: pass --preset {_saved.get('preset')}")
+        MODEL = Net(HP["widths"], HP["residual"]).to(HW["device"], memory_format=torch.channels_last)
+        MODEL.load_state_dict(_saved["model"])
+        HISTORY, BATCH_SIZE = _saved["history"], _saved["batch_size"]
+        print(f"loaded {MODEL_PATH} (trained {len(HISTORY)} epochs): no training")
+    else:
+        MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG)
+        save_torch(os.path.join(CFG.output_dir, "model.pt"),
+                   dict(model=MODEL.state_dict(), preset=CFG.preset, history=HISTORY, batch_size=BATCH_SIZE))
+    T_TRAIN = time.time() - T0
+
+# %% [markdown]
+# ### Prediction and `submission.csv`
+#
+# Test-time augmentation averages the logits of the image and its mirror, and of copies shifted
+# one pixel up-left and down-right (6 views). The submission keeps the test order (row *i* is image
+# *i*), copies the sample submission's columns and label type when one sits beside `test.npy`,
+# and is checked before it is written atomically.
+
+# %%
+def make_submission(preds, sample=None, class_names=CIFAR_CLASSES):
+    """Predictions (class ids in test order) -> a checked DataFrame in the expected format."""
+    import pandas as pd
+    preds = np.asarray(preds)
+    if sample is None:
+        sub = pd.DataFrame({"Id": np.arange(len(preds)), "Category": preds.astype(int)})
+    else:
+        id_col, label_col = sample.columns[0], sample.columns[1]
+        ids = sample[id_col].to_numpy()
+        # Ids that are a permutation of 0..N-1 index the images; otherwise row i is image i.
+        is_index = np.issubdtype(ids.dtype, np.integer) and np.array_equal(np.sort(ids), np.arange(len(ids)))
+        order = ids if is_index else np.arange(len(ids))
+        labels = preds[order]
+        if not pd.api.types.is_numeric_dtype(sample[label_col]):  # the sample uses class names
+            labels = np.array(class_names, dtype=object)[labels]
+        sub = sample[[id_col, label_col]].copy()
+        sub[label_col] = labels
+    check_submission(sub, len(preds), class_names)
+    return sub
+
+
+def check_submission(sub, n, class_names=CIFAR_CLASSES):
+    import pandas as pd
+    labels = sub.iloc[:, 1]
+    assert len(sub) == n, f"submission has {len(sub)} rows, test set {n}"
+    assert sub.iloc[:, 0].is_unique, "submission ids are not unique"
+    if not pd.api.types.is_numeric_dtype(labels):
+        assert labels.isin(class_names).all(), "submission has unknown class names"
+    else:
+        assert labels.between(0, len(class_names) - 1).all(), "submission labels out of range"
+
+
+def save_figures(history, val_cm, test_x, test_pred, out_dir):
+    """Training curves, confusion matrix and a test grid: shown inline, saved as PNG."""
+    import matplotlib
+    if not IN_NOTEBOOK:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    if history:
+        ep = [r["epoch"] for r in history]
+        fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+        ax[0].plot(ep, [r["train_loss"] for r in history], "o-"); ax[0].set_title("train loss")
+        ax[1].plot(ep, [r["train_acc"] for r in history], "o-", label="train (augmented)")
+        val = [(r["epoch"], r["val_acc"]) for r in history if r["val_acc"] is not None]
+        if val:
+            ax[1].plot(*zip(*val), "s-", label="validation")
+        ax[1].set_title("accuracy"); ax[1].legend()
+        ax[2].plot(ep, [r["lr"] for r in history], "o-"); ax[2].set_title("lr at epoch end")
+        for a in ax:
+            a.set_xlabel("epoch")
+        fig.tight_layout()
+        paths.append(_save_fig(fig, out_dir, "training_curves.png"))
+    if val_cm is not None:
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        ax.imshow(val_cm, cmap="Blues")
+        ax.set_xticks(range(10), CIFAR_CLASSES, rotation=60); ax.set_yticks(range(10), CIFAR_CLASSES)
+        for i in range(10):
+            for j in range(10):
+                ax.text(j, i, int(val_cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if val_cm[i, j] > val_cm.max() / 2 else "black")
+        ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title("validation confusion matrix")
+        fig.tight_layout()
+        paths.append(_save_fig(fig, out_dir, "confusion_matrix.png"))
+    if test_x is not None and len(test_x):
+        k = min(32, len(test_x))
+        fig, axes = plt.subplots(4, 8, figsize=(12, 6.6))
+        for i, a in enumerate(axes.flat):
+            a.axis("off")
+            if i < k:
+                a.imshow(test_x[i].transpose(1, 2, 0))
+                a.set_title(f"{i}: {CIFAR_CLASSES[int(test_pred[i])]}", fontsize=8)
+        fig.suptitle("first test images with predicted labels")
+        fig.tight_layout()
+        paths.append(_save_fig(fig, out_dir, "test_predictions.png"))
+    return paths
+
+
+def _save_fig(fig, out_dir, name):
+    import matplotlib.pyplot as plt
+    path = os.path.join(out_dir, name)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    if IN_NOTEBOOK:
+        plt.show()
+    plt.close(fig)
+    return path
+
+
+def confusion(pred, true, k=10):
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (true, pred), 1)
+    return cm
+
+
+if RUN and not CFG.answers_only:
+    T0 = time.time()
+    DEV, PREC = HW["device"], HW["precision"]
+    VAL_ACC = TEST_ACC = None
+    VAL_CM = None
+    if len(DATA["val_x"]):
+        _vl = predict_logits(MODEL, DATA["val_x"], DEV, PREC, tta=HP["tta"])
+        VAL_ACC = accuracy(_vl, DATA["val_y"])
+        VAL_CM = confusion(_vl.argmax(1).numpy(), DATA["val_y"])
+    TEST_PRED = None
+    OUTPUTS = {}
+    if DATA["test_x"] is not None:
+        TEST_PRED = predict_logits(MODEL, DATA["test_x"], DEV, PREC, tta=HP["tta"]).argmax(1).numpy()
+        if DATA["test_y"] is not None:
+            TEST_ACC = float((TEST_PRED == DATA["test_y"]).mean())
+        SUB = make_submission(TEST_PRED, DATA["sample"])
+        OUTPUTS["submission"] = os.path.join(CFG.output_dir, "submission.csv")
+        atomic_write(OUTPUTS["submission"], lambda f: SUB.to_csv(f, index=False))
+    else:
+        print("no test images (no --test-npy, no Kaggle test.npy, no test_batch): no submission written")
+    T_PREDICT = time.time() - T0
+    FIGS = save_figures(HISTORY, VAL_CM, DATA["test_x"], TEST_PRED, CFG.output_dir)
+    METRICS = dict(
+        preset=CFG.preset, seed=CFG.seed, device=HW["device"], device_name=HW["name"],
+        precision=HW["precision"], torch=torch.__version__, numpy=np.__version__,
+        python=platform.python_version(), epochs=len(HISTORY), batch_size=BATCH_SIZE,
+        parameters=count_params(MODEL), n_train=len(DATA["train_x"]), n_val=len(DATA["val_x"]),
+        n_test=0 if DATA["test_x"] is None else len(DATA["test_x"]), data_source=DATA["source"],
+        test_source=DATA["test_path"],
+        train_acc=HISTORY[-1]["train_acc"] if HISTORY else None, val_acc=VAL_ACC, test_acc=TEST_ACC,
+        tta=HP["tta"], history=HISTORY,
+        seconds=dict(answers=round(T_ANSWERS, 2), data=round(T_DATA, 2), train=round(T_TRAIN, 2),
+                     predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2)),
+    )
+    write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)
+    write_json(os.path.join(CFG.output_dir, "metrics.json"), METRICS)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    print(f"done | preset {CFG.preset} | val_acc {fmt(VAL_ACC)} | test_acc {fmt(TEST_ACC)} | "
+          f"train {T_TRAIN:.1f} s | total {time.time() - T_START:.1f} s | "
+          f"submission {OUTPUTS.get('submission', '-')}")

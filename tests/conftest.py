@@ -1,0 +1,52 @@
+"""Shared fixtures: the repo on sys.path, a subprocess runner for hw2.py, real CIFAR-10 batches."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path.insert(0, ROOT)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def run_hw2(*args, env=None, timeout=600, cwd=None):
+    """Run `python hw2.py ARGS` as a user would; returns the CompletedProcess (text)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "hw2.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd or ROOT)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """The real training batches made from ../shared's JPEG copy (skipped without it, CI fails)."""
+    archive = os.path.join(SHARED, "cifar10-jpeg-train.tar.gz")
+    script = os.path.join(SHARED, "make_cifar_batches.py")
+    if not os.path.isfile(archive):
+        if IN_CI:
+            pytest.fail(f"CI=true but {archive} is missing")
+        pytest.skip(f"real data not available here ({archive} missing)")
+    out = tmp_path_factory.mktemp("cifar")
+    subprocess.run([sys.executable, script, archive, str(out)], check=True, capture_output=True)
+    return os.path.join(str(out), "cifar-10-batches-py")
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_dir(tmp_path_factory):
+    """A small, valid cifar-10-batches-py folder written in the official pickle layout."""
+    import pickle
+    root = tmp_path_factory.mktemp("tiny") / "cifar-10-batches-py"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(1, 6):
+        data = g.integers(0, 256, (200, 3072), dtype=np.uint8)
+        labels = [int(v) for v in g.integers(0, 10, 200)]
+        with open(root / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"batch_label": b"b", b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * 200}, f)
+    return str(root)

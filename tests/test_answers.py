@@ -1,0 +1,283 @@
+"""Checks for the written-answer part of hw2 (Problems 1-3).
+
+Each answer is recomputed here independently (plain-Python arithmetic, torch autograd,
+real nn.Conv2d / nn.Transformer modules) and compared with what hw2 returns.
+"""
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hw2
+
+W1 = [[-0.2, 0.1], [0.5, 0.3], [0.35, 0.4]]
+B1 = [1.2, 0.0, -0.7]
+W2 = [1.5, 0.6, -0.4]
+B2 = 0.5
+X = [1.5, -0.8]
+Y = 0.0
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shape(v):
+    """Shape of a nested list whose leaves are all numbers (fails on ragged lists or strings)."""
+    if _is_number(v):
+        return ()
+    assert isinstance(v, list) and v, f"not a non-empty list: {v!r}"
+    inner = {_shape(e) for e in v}
+    assert len(inner) == 1, f"ragged list: {v!r}"
+    return (len(v),) + inner.pop()
+
+
+def _json_roundtrip(d):
+    assert json.loads(json.dumps(d)) == d
+
+
+# ---------------------------------------------------------------- Problem 1
+
+@pytest.fixture(scope="module")
+def p1():
+    return hw2.problem1()
+
+
+def test_p1_keys_shapes_and_json(p1):
+    expected = {"z1": (3,), "a1": (3,), "z2": (), "p_hat": (), "dJ_dp_hat": (), "dp_hat_dz2": (),
+                "dz2_da1": (1, 3), "da1_dz1": (3, 3), "dz1_dW1": (3, 3, 2), "dJ_dW1": (3, 2)}
+    for key, shape in expected.items():
+        assert key in p1, key
+        assert _shape(p1[key]) == shape, (key, _shape(p1[key]))
+    _json_roundtrip(p1)
+
+
+def test_p1_forward_by_hand(p1):
+    z1 = [sum(W1[i][k] * X[k] for k in range(2)) + B1[i] for i in range(3)]
+    a1 = [max(v, 0.0) for v in z1]
+    z2 = sum(W2[i] * a1[i] for i in range(3)) + B2
+    p = 1.0 / (1.0 + math.exp(-z2))
+    assert p1["z1"] == pytest.approx(z1, abs=1e-12)
+    assert p1["a1"] == pytest.approx(a1, abs=1e-12)
+    assert p1["z2"] == pytest.approx(2.036, abs=1e-12)
+    assert p1["p_hat"] == pytest.approx(p, rel=1e-12)
+    assert p1["p_hat"] == pytest.approx(0.8845253, abs=1e-6)
+
+
+def test_p1_local_derivatives(p1):
+    p = 1.0 / (1.0 + math.exp(-2.036))
+    # y = 0: J = -log(1 - p)  ->  dJ/dp = 1 / (1 - p)
+    assert p1["dJ_dp_hat"] == pytest.approx(1.0 / (1.0 - p), rel=1e-12)
+    # sigmoid' by a central finite difference, independent of the closed form
+    h = 1e-6
+    sig = lambda z: 1.0 / (1.0 + math.exp(-z))
+    assert p1["dp_hat_dz2"] == pytest.approx((sig(2.036 + h) - sig(2.036 - h)) / (2 * h), rel=1e-7)
+    assert p1["dz2_da1"] == [W2]
+    assert p1["da1_dz1"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    for i in range(3):
+        for j in range(3):
+            for k in range(2):
+                assert p1["dz1_dW1"][i][j][k] == pytest.approx(X[k] if i == j else 0.0, abs=1e-15)
+
+
+def test_p1_dJ_dW1_matches_autograd(p1):
+    w1 = torch.tensor(W1, dtype=torch.float64, requires_grad=True)
+    z1 = w1 @ torch.tensor(X, dtype=torch.float64) + torch.tensor(B1, dtype=torch.float64)
+    z2 = torch.tensor(W2, dtype=torch.float64) @ torch.relu(z1) + B2
+    loss = F.binary_cross_entropy(torch.sigmoid(z2).reshape(1), torch.tensor([Y], dtype=torch.float64))
+    loss.backward()
+    got = torch.tensor(p1["dJ_dW1"], dtype=torch.float64)
+    assert torch.allclose(got, w1.grad, rtol=1e-10, atol=1e-12), (got, w1.grad)
+    # the dead third hidden unit gets exactly zero gradient
+    assert p1["dJ_dW1"][2] == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------- Problem 2
+
+@pytest.fixture(scope="module")
+def p2():
+    return hw2.problem2()
+
+
+def test_p2_keys_and_types(p2):
+    for key, shape in {"q1_output_hw": (2,), "q3a_weight_shape": (4,), "q3a_bias_shape": (1,),
+                       "q3b_output_shape": (4,)}.items():
+        assert _shape(p2[key]) == shape, key
+        assert all(type(v) is int for v in p2[key]), key
+    assert type(p2["q3c_linear_in_features"]) is int
+    assert isinstance(p2["q2_formula"], str)
+    _json_roundtrip(p2)
+
+
+def test_p2_shapes_against_real_conv(p2):
+    conv = nn.Conv2d(3, 2, kernel_size=5, stride=2)
+    with torch.no_grad():
+        out = conv(torch.zeros(100, 3, 64, 64))
+    assert p2["q1_output_hw"] == list(out.shape[-2:]) == [30, 30]
+    assert p2["q3a_weight_shape"] == list(conv.weight.shape)
+    assert p2["q3a_bias_shape"] == list(conv.bias.shape)
+    assert p2["q3b_output_shape"] == list(out.shape)
+    assert p2["q3c_linear_in_features"] == out[0].numel() == 1800
+
+
+@pytest.mark.parametrize("C,H,W,K,P,S,Fo", [(3, 64, 64, 5, 0, 2, 2), (1, 7, 9, 3, 1, 2, 4),
+                                            (2, 32, 17, 4, 2, 3, 5), (4, 10, 11, 1, 0, 1, 3)])
+def test_p2_formula_string_evaluates_to_conv_shape(p2, C, H, W, K, P, S, Fo):
+    # the written formula itself is evaluated, so a typo in it fails here
+    env = {"F": Fo, "H": H, "W": W, "K": K, "P": P, "S": S, "floor": math.floor}
+    parts = p2["q2_formula"].split(" x ")
+    assert len(parts) == 3, p2["q2_formula"]
+    # "2P" is written as in maths; make the product explicit for Python
+    got = [eval(re.sub(r"(\d)([A-Z])", r"\1*\2", part), {"__builtins__": {}}, env) for part in parts]
+    with torch.no_grad():
+        want = list(nn.Conv2d(C, Fo, K, stride=S, padding=P)(torch.zeros(1, C, H, W)).shape[1:])
+    assert got == want
+    assert [Fo, hw2.p2_conv_output_size(H, K, S, P), hw2.p2_conv_output_size(W, K, S, P)] == want
+
+
+def test_p2_batchnorm_demo(p2):
+    demo = p2["q4_batchnorm_demo"]
+    assert demo["train_mode_channel_mean"] == pytest.approx([0.0, 0.0], abs=1e-4)
+    assert demo["train_mode_channel_var"] == pytest.approx([1.0, 1.0], abs=1e-2)
+    # one batch moves the running mean 10 % of the way to 5, so eval output is far from 0 ...
+    assert min(demo["eval_mode_mean_after_1_batch"]) > 2.0
+    # ... and after the running averages converge, eval mode normalises too
+    assert demo["eval_mode_mean_after_61_batches"] == pytest.approx([0.0, 0.0], abs=0.1)
+
+
+# ---------------------------------------------------------------- Problem 3
+
+CFG = {"vocab": 4000, "d_model": 64, "n_heads": 8, "d_ff": 256, "n_enc": 3, "n_dec": 2, "max_len": 512}
+
+
+@pytest.fixture(scope="module")
+def p3():
+    # the aside measurement with the default (fused) kernel is covered at a small size below
+    return hw2.problem3(measure_default_kernel=False)
+
+
+def test_p3_keys_and_types(p3):
+    params = p3["q3_params"]
+    for key in ("token_embedding", "positional_embedding", "encoder_layer", "decoder_layer",
+                "final_layer_norms", "output_projection", "total"):
+        assert type(params[key]) is int, key
+    assert isinstance(params["assumptions"], list) and params["assumptions"]
+    assert all(isinstance(a, str) for a in params["assumptions"])
+    mem = p3["q4_memory_bytes"]
+    for key in ("parameters", "gradients", "optimizer_state", "activations", "total",
+                "measured_activations"):
+        assert type(mem[key]) is int, key
+    _json_roundtrip(p3)
+
+
+def test_p3_total_is_component_sum(p3):
+    c = p3["q3_params"]
+    assert c["total"] == (c["token_embedding"] + c["positional_embedding"] + 3 * c["encoder_layer"]
+                          + 2 * c["decoder_layer"] + c["final_layer_norms"] + c["output_projection"])
+
+
+def test_p3_params_against_independent_counts(p3):
+    c = p3["q3_params"]
+    d, f, V = 64, 256, 4000
+    mha = 4 * d * d + 4 * d
+    ffn = 2 * d * f + f + d
+    assert c["encoder_layer"] == mha + ffn + 4 * d == 49_984
+    assert c["decoder_layer"] == 2 * mha + ffn + 6 * d == 66_752
+    assert c["output_projection"] == d * V + V
+    # an independent build from stock modules
+    torch.manual_seed(0)
+    parts = [nn.Embedding(V, d), nn.Embedding(512, d),
+             nn.Transformer(d_model=d, nhead=8, num_encoder_layers=3, num_decoder_layers=2,
+                            dim_feedforward=f, batch_first=True),
+             nn.Linear(d, V)]
+    assert c["total"] == sum(p.numel() for m in parts for p in m.parameters()) == 832_480
+    assert c["total_tied_output_projection"] == c["total"] - d * V
+
+
+def test_p3_param_check_detects_wrong_counts():
+    net = hw2.P3Seq2Seq(CFG)
+    good = hw2.p3_param_formula(CFG)
+    hw2.p3_check_param_counts(good, net)  # must not raise
+    for key in ("total", "encoder_layer", "output_projection"):
+        bad = dict(good)
+        bad[key] += 1
+        with pytest.raises(AssertionError):
+            hw2.p3_check_param_counts(bad, net)
+    # counts for a tied head do not describe the untied model
+    with pytest.raises(AssertionError):
+        hw2.p3_check_param_counts(hw2.p3_param_formula(CFG, tied=True), net)
+
+
+def test_p3_memory_terms(p3):
+    mem = p3["q4_memory_bytes"]
+    n_params = p3["q3_params"]["total"]
+    assert mem["parameters"] == mem["gradients"] == 4 * n_params
+    assert mem["optimizer_state"] == 0
+    assert mem["total"] == mem["parameters"] + mem["gradients"] + mem["optimizer_state"] + mem["activations"]
+    br = p3["q4_activation_breakdown"]
+    # 7 attentions (3 enc self, 2 dec self, 2 cross), each 16 x 8 x 512 x 512 fp32
+    assert br["attention_maps"] == 7 * 16 * 8 * 512 * 512 * 4
+    assert br["log_softmax"] == 16 * 512 * 4000 * 4
+    assert sum(v for k, v in br.items() if k != "total") == br["total"] == mem["activations"]
+
+
+def test_p3_estimate_close_to_measurement(p3):
+    mem = p3["q4_memory_bytes"]
+    assert mem["measured_activations"] > 0
+    assert abs(mem["activations"] / mem["measured_activations"] - 1) < 0.10, mem
+    # without the L x L maps the estimate must drop by exactly the seven maps' size,
+    # less the seven log-sum-exp vectors
+    assert (mem["activations"] - mem["activations_fused_attention"]
+            == 7 * 16 * 8 * 512 * (512 - 1) * 4)
+
+
+@pytest.mark.parametrize("attention,kind", [("math", "math"), ("default", "fused")])
+def test_p3_estimate_generalises_to_other_shapes(attention, kind):
+    # a small config with unequal source/target lengths: the formula must track the
+    # measurement here too, so it is not tuned to the single graded configuration
+    cfg = dict(CFG, max_len=64)
+    torch.manual_seed(1)
+    net = hw2.P3Seq2Seq(cfg)
+    measured = hw2.p3_measure_step(net, batch=3, src_len=40, tgt_len=24, attention=attention)
+    est = hw2.p3_activation_estimate(cfg, 3, 40, 24, attention=kind)["total"]
+    assert measured["saved_bytes"] > 0 and math.isfinite(measured["loss"])
+    assert abs(est / measured["saved_bytes"] - 1) < 0.15, (est, measured)
+
+
+class _ToyNet(nn.Module):
+    """Saves tensors in known ways: one tensor saved twice, an output reused as an input,
+    and a parameter (the head's weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lm_head = nn.Linear(4, 10)
+
+    def forward(self, src, tgt):
+        h = self.emb(tgt)            # saves the int64 indices
+        u = h * h                    # saves h twice: must count once
+        v = u.exp()                  # saves its result v ...
+        return self.lm_head(v)       # ... which the linear saves again (plus its weight)
+
+
+def test_p3_measurement_dedups_storage_and_skips_parameters():
+    B, L = 2, 3
+    got = hw2.p3_measure_step(_ToyNet(), batch=B, src_len=L, tgt_len=L)["saved_bytes"]
+    # tgt ids (int64) + h + v (fp32, 4 wide) + log-softmax (fp32, 10 wide) + label ids (int64);
+    # nll_loss may also keep a 4-byte scalar (its total weight)
+    expected = B * L * (8 + 4 * 4 + 4 * 4 + 4 * 10 + 8)
+    assert got in (expected, expected + 4), (got, expected)
+
+
+def test_p3_scaling_demo(p3):
+    demo = p3["q2_scaling_demo"]
+    for dk, var in zip(demo["d_k"], demo["var_qk"]):
+        assert 0.85 < var / dk < 1.15, (dk, var)
+    i = demo["d_k"].index(1024)
+    assert demo["max_prob_unscaled"][i] > 0.9
+    assert demo["max_prob_scaled"][i] < 0.3
+    assert demo["softmax_jacobian_norm_unscaled"][i] < 1e-2 < 0.1 < demo["softmax_jacobian_norm_scaled"][i]

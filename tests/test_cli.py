@@ -1,0 +1,77 @@
+"""The command line: --answers-only writes valid JSON; HW2_* variables work like flags."""
+import json
+import os
+
+import pytest
+
+import hw2
+from conftest import run_hw2
+
+P1_KEYS = ["z1", "a1", "z2", "p_hat", "dJ_dp_hat", "dp_hat_dz2", "dz2_da1", "da1_dz1", "dz1_dW1", "dJ_dW1"]
+P2_KEYS = ["q1_output_hw", "q2_formula", "q3a_weight_shape", "q3a_bias_shape", "q3b_output_shape",
+           "q3c_linear_in_features"]
+Q3_KEYS = ["token_embedding", "positional_embedding", "encoder_layer", "decoder_layer",
+           "final_layer_norms", "output_projection", "total", "assumptions"]
+Q4_KEYS = ["parameters", "gradients", "optimizer_state", "activations", "total", "measured_activations"]
+
+
+@pytest.fixture(scope="module")
+def answers_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ans") / "out"
+    proc = run_hw2("--answers-only", "--output-dir", out)
+    return proc, out
+
+
+def test_answers_only_writes_valid_json(answers_run):
+    proc, out = answers_run
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["answers.json"]  # nothing else: no training ran
+    ans = json.loads((out / "answers.json").read_text())
+    for key in P1_KEYS:
+        assert key in ans["p1"]
+    for key in P2_KEYS:
+        assert key in ans["p2"]
+    for key in Q3_KEYS:
+        assert key in ans["p3"]["q3_params"]
+    for key in Q4_KEYS:
+        assert isinstance(ans["p3"]["q4_memory_bytes"][key], int)
+    assert isinstance(ans["p1"]["p_hat"], float) and isinstance(ans["p2"]["q3c_linear_in_features"], int)
+    assert "train_loss" not in proc.stdout
+
+
+def test_env_vars_work_like_flags(tmp_path):
+    out = tmp_path / "from-env"
+    proc = run_hw2(env={"HW2_ANSWERS_ONLY": "1", "HW2_OUTPUT_DIR": str(out)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "answers.json").read_text())["p2"]["q1_output_hw"] == [30, 30]
+
+
+def test_parse_config_reads_env(monkeypatch):
+    monkeypatch.setenv("HW2_PRESET", "smoke")
+    monkeypatch.setenv("HW2_EPOCHS", "3")
+    monkeypatch.setenv("HW2_VAL_SIZE", "10")
+    monkeypatch.setenv("HW2_RESUME", "true")
+    cfg = hw2.parse_config([])
+    assert (cfg.preset, cfg.epochs, cfg.val_size, cfg.resume) == ("smoke", 3, 10, True)
+    # an explicit flag beats the environment
+    assert hw2.parse_config(["--epochs", "5"]).epochs == 5
+
+
+def test_kernel_argv_is_ignored_in_a_notebook(monkeypatch):
+    # ipykernel starts with `-f kernel.json`; in a notebook argv is not ours to parse.
+    monkeypatch.setattr(hw2, "IN_NOTEBOOK", True)
+    monkeypatch.setattr("sys.argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    monkeypatch.setenv("HW2_PRESET", "quick")
+    assert hw2.parse_config().preset == "quick"
+
+
+def test_default_output_dir_is_outputs_off_kaggle(monkeypatch):
+    monkeypatch.delenv("HW2_OUTPUT_DIR", raising=False)
+    if os.path.isdir("/kaggle/working"):
+        pytest.skip("running on Kaggle")
+    assert hw2.parse_config([]).output_dir == "outputs"
+
+
+def test_importing_runs_nothing():
+    assert hw2.RUN is False and hw2.ANSWERS == {}
+    assert not hasattr(hw2, "CFG") and not hasattr(hw2, "MODEL")

@@ -1,0 +1,180 @@
+"""Hardware choice: `select_hardware` is pure, so every card is tested here without owning it."""
+import argparse
+
+import pytest
+import torch
+
+import hw2
+
+CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # no sm_60: Kaggle's P100 is out
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+P100, T4, A100, H100 = (6, 0), (7, 5), (8, 0), (9, 0)
+sel = hw2.select_hardware
+
+
+# ------------------------------------------------------------------ cuda_arch_supported
+
+@pytest.mark.parametrize("cap,archs,ok", [
+    ((8, 9), ["sm_86"], True),            # same major, lower minor SASS runs
+    ((8, 6), ["sm_80"], True),
+    ((8, 0), ["sm_90"], False),           # newer SASS never runs on an older card
+    ((8, 0), ["sm_86"], False),           # same major, but the build's minor is higher
+    ((7, 5), ["sm_80", "sm_86"], False),
+    ((6, 0), CU128, False),               # the P100 + cu128 wheel case
+    ((6, 0), CU126, True),
+    ((9, 0), ["compute_80"], True),       # PTX is JIT-compiled for newer cards
+    ((7, 5), ["compute_80"], False),      # ... but not for older ones
+    ((12, 0), CU128, True),
+    ((10, 3), ["sm_100"], True),          # two-digit major
+    ((9, 0), [], False),
+])
+def test_cuda_arch_supported(cap, archs, ok):
+    assert hw2.cuda_arch_supported(cap, archs) is ok
+
+
+# ------------------------------------------------------------------ P100 (sm_60)
+
+def test_p100_cu128_device_cuda_raises_naming_t4_and_arch():
+    with pytest.raises(hw2.HW2Error) as err:
+        sel("cuda", P100, CU128)
+    msg = str(err.value)
+    assert "T4" in msg and "sm_60" in msg and "--device cuda" in msg
+
+
+@pytest.mark.parametrize("asked", [None, "full"])
+def test_p100_cu128_auto_falls_back_to_cpu_quick(asked):
+    plan = sel("auto", P100, CU128, preset=asked)
+    assert plan["device"] == "cpu" and plan["precision"] == "fp32" and plan["preset"] == "quick"
+    assert plan["compile"] is False
+    assert "sm_60" in plan["note"] and "CPU" in plan["note"] and "T4" in plan["note"]
+
+
+def test_p100_cu128_auto_keeps_a_small_preset():
+    assert sel("auto", P100, CU128, preset="smoke")["preset"] == "smoke"
+    assert sel("auto", P100, CU128, preset="quick")["preset"] == "quick"
+
+
+def test_p100_cu128_auto_fp16_raises():
+    # the GPU is unusable, so an explicit fp16 cannot be honoured on the CPU fallback
+    with pytest.raises(hw2.HW2Error, match="fp16"):
+        sel("auto", P100, CU128, precision="fp16")
+
+
+def test_p100_with_sm60_build_uses_cuda_fp16():
+    plan = sel("auto", P100, CU126)
+    assert plan == dict(device="cuda", precision="fp16", compile=False, preset="full", note="")
+    assert sel("cuda", P100, ["sm_60"])["device"] == "cuda"
+
+
+def test_p100_compile_raises():
+    with pytest.raises(hw2.HW2Error, match="--compile"):
+        sel("auto", P100, CU126, compile_model=True)
+
+
+def test_p100_bf16_raises():
+    with pytest.raises(hw2.HW2Error, match="bf16"):
+        sel("cuda", P100, CU126, precision="bf16")
+
+
+# ------------------------------------------------------------------ T4 (sm_75)
+
+def test_t4_defaults():
+    plan = sel("auto", T4, CU128)
+    assert plan == dict(device="cuda", precision="fp16", compile=False, preset="full", note="")
+    assert sel("cuda", T4, CU128) == plan
+
+
+def test_t4_bf16_raises():
+    with pytest.raises(hw2.HW2Error) as err:
+        sel("auto", T4, CU128, precision="bf16")
+    assert "sm_75" in str(err.value) and "fp16" in str(err.value)
+
+
+def test_t4_compile_allowed():
+    plan = sel("auto", T4, CU128, compile_model=True)
+    assert plan["device"] == "cuda" and plan["compile"] is True
+
+
+def test_t4_fp32_and_explicit_preset():
+    plan = sel("auto", T4, CU128, precision="fp32", preset="smoke")
+    assert plan["precision"] == "fp32" and plan["preset"] == "smoke" and plan["device"] == "cuda"
+
+
+def test_t4_device_cpu_is_honoured():
+    plan = sel("cpu", T4, CU128)
+    assert plan["device"] == "cpu" and plan["precision"] == "fp32" and plan["preset"] == "quick"
+
+
+# ------------------------------------------------------------------ A100 / H100
+
+@pytest.mark.parametrize("cap", [A100, H100], ids=["A100", "H100"])
+def test_ampere_hopper_fp16_default_bf16_allowed(cap):
+    assert sel("auto", cap, CU128)["precision"] == "fp16"
+    plan = sel("auto", cap, CU128, precision="bf16", compile_model=True)
+    assert plan["device"] == "cuda" and plan["precision"] == "bf16" and plan["compile"] is True
+    assert plan["preset"] == "full"
+
+
+def test_h100_with_only_compute_80_ptx_is_supported():
+    plan = sel("cuda", H100, ["compute_80"])
+    assert plan["device"] == "cuda" and plan["precision"] == "fp16"
+
+
+def test_h100_with_only_older_sass_falls_back():
+    plan = sel("auto", H100, ["sm_75", "sm_80", "sm_86"])
+    assert plan["device"] == "cpu" and "sm_90" in plan["note"]
+
+
+# ------------------------------------------------------------------ no GPU
+
+def test_cpu_auto():
+    plan = sel("auto", None, [])
+    assert plan["device"] == "cpu" and plan["precision"] == "fp32" and plan["preset"] == "quick"
+    assert plan["compile"] is False and plan["note"]
+
+
+def test_cpu_explicit_preset_kept():
+    assert sel("auto", None, [], preset="smoke")["preset"] == "smoke"
+    assert sel("cpu", None, [], preset="quick")["preset"] == "quick"
+
+
+def test_cpu_device_cuda_raises():
+    with pytest.raises(hw2.HW2Error, match="--device cuda"):
+        sel("cuda", None, [])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cpu_half_precision_raises(precision):
+    with pytest.raises(hw2.HW2Error, match=f"--precision {precision}"):
+        sel("auto", None, [], precision=precision)
+
+
+def test_cpu_compile_raises():
+    with pytest.raises(hw2.HW2Error, match="--compile"):
+        sel("auto", None, [], compile_model=True)
+
+
+# ------------------------------------------------------------------ this machine
+
+def _cfg(**kw):
+    base = dict(device="auto", precision="auto", compile=False, preset=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture
+def no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+
+
+def test_choose_hardware_on_this_machine_is_cpu(no_gpu):
+    plan = hw2.choose_hardware(_cfg())
+    assert plan["device"] == "cpu" and plan["precision"] == "fp32" and plan["preset"] == "quick"
+    assert isinstance(plan["name"], str) and plan["name"]
+    assert hw2.choose_hardware(_cfg(preset="smoke"))["preset"] == "smoke"
+
+
+def test_choose_hardware_device_cuda_without_gpu_raises(no_gpu):
+    with pytest.raises(hw2.HW2Error, match="no CUDA GPU"):
+        hw2.choose_hardware(_cfg(device="cuda"))

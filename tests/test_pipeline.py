@@ -1,0 +1,212 @@
+"""Problem 4 pipeline on real code paths: loader, test.npy layouts, augmentation, model, TTA,
+submission format, and a smoke training run whose loss falls."""
+import argparse
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hw2
+from conftest import run_hw2
+
+
+# ---------------------------------------------------------------- data loading
+def test_loader_reads_real_batches(cifar_dir):
+    x, y, test = hw2.load_cifar_train(cifar_dir)
+    assert x.shape == (50000, 3, 32, 32) and x.dtype == np.uint8
+    assert y.shape == (50000,) and set(np.unique(y)) == set(range(10))
+    assert np.bincount(y).min() == 5000  # the JPEG copy is class-balanced
+    assert 80 < x.mean() < 160 and x.std() > 40  # real pixels, not zeros or noise
+    # Same pixels and order as a plain reader of the file we just made ourselves (trusted here).
+    import pickle
+    with open(os.path.join(cifar_dir, "data_batch_2"), "rb") as f:
+        ref = pickle.load(f, encoding="bytes")
+    assert np.array_equal(ref[b"data"].reshape(-1, 3, 32, 32), x[10000:20000])
+    assert ref[b"labels"] == y[10000:20000].tolist()
+
+
+def test_find_data_dir_accepts_folder_or_parent(tiny_cifar_dir):
+    assert hw2.find_data_dir(tiny_cifar_dir)[0] == tiny_cifar_dir
+    assert hw2.find_data_dir(os.path.dirname(tiny_cifar_dir))[0] == tiny_cifar_dir
+
+
+def test_val_split_is_fixed_and_disjoint():
+    x = np.arange(1000).reshape(1000, 1, 1, 1).astype(np.uint8)
+    y = np.arange(1000) % 10
+    a = hw2.split_train_val(x, y, 100)
+    b = hw2.split_train_val(x, y, 100)
+    assert np.array_equal(a[2], b[2])
+    assert len(a[0]) == 900 and len(a[2]) == 100
+
+
+# ---------------------------------------------------------------- test.npy layouts
+@pytest.fixture
+def images():
+    return np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["nhwc_uint8", "nchw_uint8", "nhwc_float", "nchw_float32"])
+def test_test_npy_layouts(tmp_path, images, layout):
+    arr = {"nhwc_uint8": images, "nchw_uint8": images.transpose(0, 3, 1, 2),
+           "nhwc_float": images / 255.0,
+           "nchw_float32": (images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)}[layout]
+    path = tmp_path / "test.npy"
+    np.save(path, arr)
+    got = hw2.read_test_npy(str(path))
+    assert got.dtype == np.uint8 and got.shape == (7, 3, 32, 32)
+    assert np.array_equal(got, images.transpose(0, 3, 1, 2))  # order and pixels preserved
+
+
+def test_test_npy_rejects_wrong_layout(tmp_path):
+    np.save(tmp_path / "t.npy", np.zeros((4, 32, 3, 32), np.uint8))
+    with pytest.raises(hw2.HW2Error, match="shape"):
+        hw2.read_test_npy(str(tmp_path / "t.npy"))
+
+
+# ---------------------------------------------------------------- augmentation
+def _batch(n=64):
+    g = np.random.default_rng(2)
+    return torch.from_numpy(g.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8))
+
+
+def test_normalize_is_float_and_centred():
+    x = hw2.normalize(_batch())
+    assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32)
+    assert hw2.normalize(_batch(), torch.float16).dtype == torch.float16
+
+
+def test_translate_moves_pixels_within_the_reflect_pad():
+    x = hw2.normalize(_batch())
+    g = torch.Generator().manual_seed(0)
+    out = hw2.random_translate(x, 2, g)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert not torch.equal(out, x)
+    # every output image is one of the 25 shifted crops of its reflect-padded input
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    for i in range(8):
+        assert any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])
+                   for dy in range(5) for dx in range(5))
+    assert torch.equal(hw2.random_translate(x, 0, g), x)
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    u8 = _batch(16)
+    base = torch.rand(16, generator=torch.Generator().manual_seed(0)) < 0.5
+    hp = dict(translate=0, cutout=0)
+    g = torch.Generator().manual_seed(0)
+    e0, e1 = hw2.augment_epoch(u8, 0, base, hp, g), hw2.augment_epoch(u8, 1, base, hp, g)
+    plain = hw2.normalize(u8)
+    for i in range(16):
+        flipped0 = torch.equal(e0[i], plain[i].flip(-1))
+        assert flipped0 == bool(base[i]) and torch.equal(e1[i], e0[i].flip(-1))
+    assert 0 < int(base.sum()) < 16
+
+
+def test_cutout_zeroes_one_square_per_image():
+    x = hw2.normalize(_batch()) + 10  # no natural zeros
+    out = hw2.cutout(x, 8, torch.Generator().manual_seed(0))
+    zero = (out == 0).all(1)  # N×H×W
+    assert (zero.sum((1, 2)) == 64).all()
+    assert out.dtype == x.dtype and out.shape == x.shape
+
+
+# ---------------------------------------------------------------- model
+def test_model_forward_backward_and_residual_shapes():
+    model = hw2.Net((8, 16, 16))
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out.shape == (4, 10)
+    out.sum().backward()
+    assert model.groups[2].conv3.weight.grad is not None and x.grad.abs().sum() > 0
+    assert model.whiten.weight.grad is None  # the whitening filters are frozen
+
+
+def test_whitening_decorrelates_patches():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(256, 3, 32, 32, generator=g)
+    imgs = imgs + 0.8 * imgs.roll(1, dims=-1)  # correlated neighbours
+    conv = hw2.Conv(3, 24, kernel_size=2, padding=0, bias=True)
+    hw2.init_whitening(conv, imgs)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(imgs, conv.weight[:12])
+    cov = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+
+
+def test_tta_averages_views():
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16)).eval()
+    imgs = _batch(10).numpy()
+    l0 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=0)
+    l1 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=1)
+    l2 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=2)
+    mirrored = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=0)
+    assert torch.allclose(l1, 0.5 * (l0 + mirrored), atol=1e-5)
+    assert l2.shape == (10, 10) and not torch.allclose(l2, l1)
+    # a mirror-symmetric score: TTA-1 logits are invariant to flipping the input
+    l1_flipped = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=1)
+    assert torch.allclose(l1, l1_flipped, atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [hw2.lr_factor(s, 100, 0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.2) and max(f) == pytest.approx(1.0)
+    assert f.index(max(f)) == 10 and f[100] == 0.0
+
+
+# ---------------------------------------------------------------- submission
+def test_submission_default_format():
+    sub = hw2.make_submission(np.array([3, 1, 4, 1, 5]))
+    assert list(sub.columns) == ["Id", "Category"]
+    assert sub["Id"].tolist() == [0, 1, 2, 3, 4] and sub["Category"].tolist() == [3, 1, 4, 1, 5]
+
+
+def test_submission_copies_sample_ids_and_class_names():
+    sample = pd.DataFrame({"id": [2, 0, 1], "label": ["cat", "cat", "cat"]})
+    sub = hw2.make_submission(np.array([0, 1, 9]), sample)
+    assert list(sub.columns) == ["id", "label"]
+    assert sub["id"].tolist() == [2, 0, 1]
+    assert sub["label"].tolist() == ["truck", "airplane", "automobile"]  # id k -> image k
+
+
+def test_submission_check_rejects_bad_labels():
+    with pytest.raises(AssertionError):
+        hw2.check_submission(pd.DataFrame({"Id": [0, 1], "Category": [0, 10]}), 2)
+    with pytest.raises(AssertionError):
+        hw2.check_submission(pd.DataFrame({"Id": [0, 1], "Category": [0, 1]}), 3)
+
+
+# ---------------------------------------------------------------- training
+def _cfg(tmp_path, **kw):
+    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_smoke_training_loss_falls(tmp_path):
+    x, y = hw2.synthetic_cifar(768, seed=0)
+    data = dict(train_x=x[:640], train_y=y[:640], val_x=x[640:], val_y=y[640:])
+    hp = dict(hw2.PRESETS["smoke"])
+    hw = dict(device="cpu", precision="fp32", compile=False)
+    model, history = hw2.train(data, hp, hw, _cfg(tmp_path), epochs=6, batch_size=32, log=lambda s: None)
+    losses = [r["train_loss"] for r in history]
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert history[-1]["val_acc"] > 0.5  # ten learnable patterns: far above chance
+    assert os.path.isfile(tmp_path / "checkpoint.pt")
+
+
+def test_smoke_end_to_end_with_real_data(cifar_dir, tmp_path):
+    test = np.random.default_rng(3).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "test.npy", test)
+    out = tmp_path / "out"
+    proc = run_hw2("--preset", "smoke", "--data-dir", cifar_dir, "--test-npy", tmp_path / "test.npy",
+                   "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sub = pd.read_csv(out / "submission.csv")
+    assert sub["Id"].tolist() == list(range(50)) and sub["Category"].between(0, 9).all()
+    for name in ["answers.json", "metrics.json", "model.pt", "training_curves.png",
+                 "confusion_matrix.png", "test_predictions.png"]:
+        assert (out / name).is_file(), name
+    assert "epoch train_loss" in proc.stdout and "done | preset smoke" in proc.stdout

@@ -1,0 +1,179 @@
+"""--resume and --predict-only on the smoke preset, all starting from one finished 2-epoch run."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hw2
+from conftest import run_hw2
+
+FILES = ("submission.csv", "answers.json", "metrics.json", "model.pt", "checkpoint.pt")
+HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
+EPOCH_LINE = re.compile(r"^ *(\d+) +-?\d+\.\d{4} +\d\.\d{4} +(?:-|\d\.\d{4}) +-?\d+\.\d{5} +\d+\.\d{2}$",
+                        re.M)
+
+
+def epoch_lines(stdout):
+    """The per-epoch table rows (printed after the header)."""
+    m = HEADER.search(stdout)
+    return [] if m is None else [x.group(0) for x in EPOCH_LINE.finditer(stdout, m.end())]
+
+
+def smoke(out, data_dir, test_npy, *args):
+    return run_hw2("--preset", "smoke", "--output-dir", out, "--data-dir", data_dir,
+                   "--test-npy", test_npy, *args, timeout=400)
+
+
+def ok(res):
+    both = res.stdout + res.stderr
+    assert res.returncode == 0, both[-3000:]
+    assert "Traceback" not in both, both[-3000:]
+
+
+def failed(res, *needles):
+    both = res.stdout + res.stderr
+    assert res.returncode != 0, both[-3000:]
+    assert "Traceback" not in both, both[-3000:]
+    errs = [line for line in res.stderr.splitlines() if line.startswith("hw2: error: ")]
+    assert len(errs) == 1, res.stderr[-3000:]
+    for n in needles:
+        assert str(n) in errs[0], f"{n!r} not in {errs[0]!r}"
+    return errs[0]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_cifar_dir):
+    """One finished smoke run (2 epochs) with a 50-image test.npy; tests work on copies of it."""
+    d = tmp_path_factory.mktemp("base")
+    test_npy = str(d / "test.npy")
+    np.save(test_npy, np.random.default_rng(5).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8))
+    out = d / "out"
+    res = smoke(out, tiny_cifar_dir, test_npy, "--epochs", "2")
+    return dict(res=res, out=out, test_npy=test_npy, data=tiny_cifar_dir)
+
+
+@pytest.fixture
+def run_copy(base, tmp_path):
+    """A private copy of the base run's output dir."""
+    ok(base["res"])
+    out = tmp_path / "out"
+    shutil.copytree(base["out"], out)
+    return out
+
+
+def test_base_run_positive_control(base):
+    ok(base["res"])
+    out = base["out"]
+    for name in FILES:
+        assert (out / name).is_file(), name
+    sub = pd.read_csv(out / "submission.csv")
+    assert list(sub.columns) == ["Id", "Category"]
+    assert sub["Id"].tolist() == list(range(50))
+    assert sub["Category"].between(0, 9).all()
+    assert [int(line.split()[0]) for line in epoch_lines(base["res"].stdout)] == [1, 2]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and metrics["n_test"] == 50
+
+
+def test_resume_after_last_epoch_trains_nothing(base, run_copy):
+    res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2")
+    ok(res)
+    assert "resumed from" in res.stdout and str(run_copy / "checkpoint.pt") in res.stdout
+    # the table is the first run's, reprinted, and no new epoch is trained
+    assert epoch_lines(res.stdout) == epoch_lines(base["res"].stdout)
+    assert len(epoch_lines(res.stdout)) == 2
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    base_metrics = json.loads((base["out"] / "metrics.json").read_text())
+    assert metrics["history"] == base_metrics["history"]
+    # the resumed model is the finished one: same predictions
+    assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
+
+
+@pytest.mark.xfail(strict=True, reason="hw2 deviation: the checkpoint's identity includes `epochs`, so "
+                                       "`--resume --epochs 3` on a 2-epoch checkpoint is refused as "
+                                       "'from another run' instead of training one more epoch")
+def test_resume_with_more_epochs_trains_exactly_one_more(base, run_copy):
+    res = smoke(run_copy, base["data"], base["test_npy"], "--epochs", "3", "--resume")
+    ok(res)
+    assert "resumed from" in res.stdout
+    lines = epoch_lines(res.stdout)
+    assert [int(line.split()[0]) for line in lines] == [1, 2, 3]
+    assert lines[:2] == epoch_lines(base["res"].stdout)
+    history = json.loads((run_copy / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_resume_from_another_runs_checkpoint_fails(base, run_copy):
+    before = {name: read(run_copy / name) for name in FILES}
+    res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2", "--seed", "1")
+    failed(res, run_copy / "checkpoint.pt", "another run")
+    assert "train_loss" not in res.stdout
+    assert {name: read(run_copy / name) for name in FILES} == before  # nothing overwritten
+
+
+def test_resume_without_checkpoint_fails(base, tmp_path):
+    out = tmp_path / "out"
+    res = smoke(out, base["data"], base["test_npy"], "--resume")
+    failed(res, out / "checkpoint.pt", "does not exist")
+    assert "train_loss" not in res.stdout
+    assert not out.exists()  # created by the run, removed when it failed
+
+
+def test_predict_only_rewrites_the_same_submission(base, run_copy):
+    (run_copy / "submission.csv").unlink()
+    model_before, ckpt_before = read(run_copy / "model.pt"), read(run_copy / "checkpoint.pt")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only")
+    ok(res)
+    assert re.search(r"^loaded .*model\.pt \(trained 2 epochs\): no training$", res.stdout, re.M), res.stdout
+    assert "train_loss" not in res.stdout and epoch_lines(res.stdout) == []
+    assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
+    assert read(run_copy / "model.pt") == model_before
+    assert read(run_copy / "checkpoint.pt") == ckpt_before
+
+
+def test_predict_only_in_an_empty_dir_fails(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    res = smoke(out, base["data"], base["test_npy"], "--predict-only")
+    failed(res, out / "model.pt", "does not exist")
+    assert "train_loss" not in res.stdout
+    assert out.is_dir() and os.listdir(out) == []  # the user's dir stays, empty
+
+
+# ------------------------------------------------------------------ in-process: load_checkpoint
+
+def test_load_checkpoint_garbage_raises(tmp_path):
+    p = tmp_path / "checkpoint.pt"
+    p.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(hw2.HW2Error, match=re.escape(str(p)) + ".*not a usable checkpoint"):
+        hw2.load_checkpoint(str(p))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_load_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "evil": _Evil(marker)}, p, pickle_protocol=2)
+    with pytest.raises(hw2.HW2Error, match="not a usable checkpoint"):
+        hw2.load_checkpoint(str(p))
+    assert not marker.exists()
+    # control: an unrestricted load does run the payload
+    torch.load(p, weights_only=False)
+    assert marker.exists()
