@@ -25,7 +25,7 @@ test: $(PY)
 check: $(PY)
 	rm -rf $(CHECK) && mkdir -p $(CHECK)
 	cp hw2.ipynb $(CHECK)/hw2.ipynb
-	cd $(CHECK) && HW2_PRESET=smoke HW2_OUTPUT_DIR=out HW2_DATA_DIR= MPLBACKEND=Agg \
+	cd $(CHECK) && HW2_PRESET=smoke HW2_OUTPUT_DIR=out HW2_DATA_DIR= \
 		../../$(VENV)/bin/jupyter execute --inplace --timeout=900 hw2.ipynb
 	@ls $(CHECK)/out/submission.csv $(CHECK)/out/answers.json $(CHECK)/out/metrics.json
 

@@ -75,3 +75,12 @@ def test_default_output_dir_is_outputs_off_kaggle(monkeypatch):
 def test_importing_runs_nothing():
     assert hw2.RUN is False and hw2.ANSWERS == {}
     assert not hasattr(hw2, "CFG") and not hasattr(hw2, "MODEL")
+
+
+def test_readme_answers_table_matches_the_answers(answers_run):
+    proc, out = answers_run
+    ans = json.loads((out / "answers.json").read_text())
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        readme = f.read()
+    block = readme.split("<!-- answers:start -->\n")[1].split("\n<!-- answers:end -->")[0]
+    assert block == hw2.answers_table(ans), "README answers table is stale: paste hw2.answers_table()"

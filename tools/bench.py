@@ -39,8 +39,10 @@ def main():
         sys.exit(f"bench: hw2.py failed with exit code {proc.returncode}")
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
-    hardware = f"{m['device_name']} ({os.cpu_count()} cores)" if m["device"] == "cpu" else m["device_name"]
+    hardware = m["device_name"]
     shown = " ".join(["python"] + [shlex.quote(c) for c in cmd[1:]]).replace(out, "OUT")
+    if args.data_dir:
+        shown = shown.replace(shlex.quote(args.data_dir), "D")
     row = (f"| {datetime.date.today()} | {args.preset} | {hardware} | torch {m['torch']} | "
            f"{m['n_train']}/{m['n_val']} | {m['epochs']} | {m['val_acc']:.4f} | "
            f"{m['seconds']['train']:.0f} | {wall:.0f} | `{shown}` | {args.note} |")
