@@ -210,3 +210,29 @@ def test_smoke_end_to_end_with_real_data(cifar_dir, tmp_path):
                  "confusion_matrix.png", "test_predictions.png"]:
         assert (out / name).is_file(), name
     assert "epoch train_loss" in proc.stdout and "done | preset smoke" in proc.stdout
+
+
+def test_cuda_oom_retries_once_at_half_the_batch(monkeypatch, capsys):
+    calls = []
+
+    def fake_train(data, hp, hw, cfg, epochs, batch_size, log=print):
+        calls.append((batch_size, cfg.resume))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "model", [{"epoch": 1}]
+
+    monkeypatch.setattr(hw2, "train", fake_train)
+    cfg = argparse.Namespace(epochs=None, resume=True)
+    hp = dict(hw2.PRESETS["full"])
+    model, history, batch = hw2.train_with_oom_retry({}, hp, {}, cfg)
+    assert calls == [(1024, True), (512, False)] and batch == 512 and model == "model"
+    assert "retrying once at batch 512" in capsys.readouterr().out
+
+
+def test_cuda_oom_twice_is_not_retried_again(monkeypatch):
+    def always_oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(hw2, "train", always_oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        hw2.train_with_oom_retry({}, dict(hw2.PRESETS["full"]), {}, argparse.Namespace(epochs=None, resume=False))
