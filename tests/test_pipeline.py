@@ -236,3 +236,19 @@ def test_cuda_oom_twice_is_not_retried_again(monkeypatch):
     monkeypatch.setattr(hw2, "train", always_oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         hw2.train_with_oom_retry({}, dict(hw2.PRESETS["full"]), {}, argparse.Namespace(epochs=None, resume=False))
+
+
+def test_smoke_dry_run_slices_a_found_test_set_and_drops_its_sample(tmp_path, monkeypatch, tiny_cifar_dir):
+    # On Kaggle the smoke preset finds the competition's test.npy (and its sample) by default:
+    # it predicts a slice, so the full-length sample must not be applied to it.
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    images = np.random.default_rng(4).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "test.npy", images)
+    pd.DataFrame({"Id": range(300), "Category": 0}).to_csv(tmp_path / "sample_submission.csv", index=False)
+    monkeypatch.setattr(hw2, "KAGGLE_TEST_NPY", str(tmp_path / "test.npy"))
+    cfg = hw2.parse_config(["--preset", "smoke", "--data-dir", tiny_cifar_dir])
+    data = hw2.load_data(cfg, hw2.PRESETS["smoke"])
+    assert len(data["test_x"]) == hw2.PRESETS["smoke"]["n_test"] and data["sample"] is None
+    assert np.array_equal(data["test_x"], images[:96].transpose(0, 3, 1, 2))
+    assert len(hw2.make_submission(np.zeros(96, int), data["sample"])) == 96
