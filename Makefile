@@ -21,11 +21,13 @@ run: $(PY)
 test: $(PY)
 	$(PY) -m pytest -q tests
 
-# Execute the notebook headlessly (smoke preset) into a git-ignored copy.
+# Execute the notebook headlessly (smoke preset) into a git-ignored copy; every HW2_* variable
+# of the caller's shell is cleared first, so only the settings below apply.
 check: $(PY)
 	rm -rf $(CHECK) && mkdir -p $(CHECK)
 	cp hw2.ipynb $(CHECK)/hw2.ipynb
-	cd $(CHECK) && HW2_PRESET=smoke HW2_OUTPUT_DIR=out HW2_DATA_DIR= \
+	cd $(CHECK) && unset $$(env | grep -o '^HW2_[A-Za-z0-9_]*=' | tr -d =); \
+		HW2_PRESET=smoke HW2_OUTPUT_DIR=out HW2_DATA_DIR= \
 		../../$(VENV)/bin/jupyter execute --inplace --timeout=900 hw2.ipynb
 	@ls $(CHECK)/out/submission.csv $(CHECK)/out/answers.json $(CHECK)/out/metrics.json
 

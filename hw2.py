@@ -43,10 +43,13 @@
 # %%
 import argparse
 import contextlib
+import difflib
 import glob
 import io
 import json
+import logging
 import math
+import multiprocessing
 import os
 import pickle
 import platform
@@ -58,11 +61,15 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 # Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
-RUN = __name__ == "__main__"
+# Under `torchrun` every rank executes this file: ranks 1.. skip the sections and only train
+# (see "Several GPUs"), so Problems 1-3, printing and outputs happen once, on rank 0.
+TORCHRUN_RANK = int(os.environ["RANK"]) if "TORCHELASTIC_RUN_ID" in os.environ else None
+RUN = __name__ == "__main__" and not TORCHRUN_RANK
 IN_NOTEBOOK = "ipykernel" in sys.modules
 ANSWERS = {}
 
@@ -83,8 +90,22 @@ def _script_excepthook(kind, err, tb):
         sys.__excepthook__(kind, err, tb)
 
 
-if RUN and not IN_NOTEBOOK:
+def _notebook_exc_handler(shell, kind, err, tb, tb_offset=None):
+    # The notebook twin of the hook above: one line instead of IPython's traceback, same cleanup.
+    # IPython leaves the display to the handler; an error output stops "Run all" at this cell.
+    _cleanup_partial_outputs()
+    line = f"hw2: error: {err}"
+    try:
+        shell._showtraceback(kind, err, [line])
+    except Exception:  # a shell without it: plain text is still one line
+        print(line, file=sys.stderr)
+    return [line]
+
+
+if __name__ == "__main__" and not IN_NOTEBOOK:
     sys.excepthook = _script_excepthook
+if RUN and IN_NOTEBOOK:
+    get_ipython().set_custom_exc((HW2Error,), _notebook_exc_handler)  # noqa: F821 (IPython builtin)
 
 # %% [markdown]
 # ## Configuration
@@ -134,7 +155,8 @@ PRESETS = {
 }
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]
-KAGGLE_TEST_NPY = "/kaggle/input/ucsb-cs291k-hw2-2022-fall/test.npy"
+COMPETITION = "ucsb-cs291k-hw2-2022-fall"
+KAGGLE_ROOT = "/kaggle"  # Kaggle's mount point (tests point it at a fake tree)
 VAL_SPLIT_SEED = 12345  # fixed, so every run (any --seed) validates on the same images
 
 
@@ -193,7 +215,8 @@ def build_parser():
     p.add_argument("--data-dir", default=_env_flag("data_dir"),
                    help="folder holding cifar-10-batches-py (or that folder itself)")
     p.add_argument("--test-npy", default=_env_flag("test_npy"),
-                   help=f"test images to predict (default {KAGGLE_TEST_NPY} when it exists)")
+                   help="test images to predict (default: the competition's test.npy under "
+                        "/kaggle/input/, wherever it is mounted)")
     p.add_argument("--output-dir", default=_env_flag("output_dir"),
                    help="where outputs go (default /kaggle/working on Kaggle, else ./outputs)")
     p.add_argument("--val-size", type=int, default=_env_int("val_size"),
@@ -207,14 +230,31 @@ def build_parser():
     p.add_argument("--predict-only", action="store_true",
                    default=_truthy(_env_flag("predict_only"), "predict_only"),
                    help="skip training: reload output-dir/model.pt and rewrite the submission")
+    p.add_argument("--gpus", default=_env_flag("gpus", "auto"), metavar="{auto,N}",
+                   help="data-parallel processes: auto = every usable GPU (1 on the CPU); N on "
+                        "--device cpu starts N gloo processes (tests the multi-GPU path)")
     return p
+
+
+def warn_unknown_env(parser, environ=None):
+    """A misspelt HW2_* variable (e.g. %env HW2_EPOCH=5) would be silently ignored: say so."""
+    environ = os.environ if environ is None else environ
+    known = ["HW2_" + a.dest.upper() for a in parser._actions if a.dest != "help"]
+    for name in sorted(k for k in environ if k.startswith("HW2_") and k not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+        print(f"hw2: warning: {name} is not a hw2 setting and is ignored ({hint})", file=sys.stderr)
 
 
 def parse_config(argv=None):
     """Flags from argv (a script) or from HW2_* variables alone (a notebook kernel's argv is its own)."""
     if argv is None:
         argv = [] if IN_NOTEBOOK else sys.argv[1:]
-    cfg = build_parser().parse_args(argv)  # bad HW2_* values raise HW2Error while building it
+    parser = build_parser()  # bad HW2_* values raise HW2Error while building it
+    warn_unknown_env(parser)
+    cfg = parser.parse_args(argv)
+    if cfg.gpus != "auto" and not (str(cfg.gpus).isdigit() and int(cfg.gpus) >= 1):
+        raise HW2Error(f"--gpus {cfg.gpus}: expected auto or a whole number of processes >= 1")
     if cfg.epochs is not None and int(cfg.epochs) < 1:
         raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
     if cfg.val_size is not None and int(cfg.val_size) < 0:
@@ -223,8 +263,12 @@ def parse_config(argv=None):
         raise HW2Error("--resume and --predict-only exclude each other")
     cfg.seed = int(cfg.seed)
     if cfg.output_dir is None:
-        cfg.output_dir = "/kaggle/working" if os.path.isdir("/kaggle/working") else "outputs"
+        cfg.output_dir = os.path.join(KAGGLE_ROOT, "working") if on_kaggle() else "outputs"
     return cfg
+
+
+def on_kaggle():
+    return os.path.isdir(os.path.join(KAGGLE_ROOT, "working"))
 
 
 _CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
@@ -257,20 +301,38 @@ def _cleanup_partial_outputs():
 
 
 def atomic_write(path, write_fn, mode="w"):
-    """Write via a temp file in the same dir + rename: readers never see half a file."""
+    """Write via a temp file in the same dir + rename: readers never see half a file.
+
+    A system error (full disk, lost permission, deleted dir) becomes one HW2Error naming the
+    file and the system's reason; the temp file is removed either way."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
         with os.fdopen(fd, mode) as f:
             write_fn(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        os_error = _os_error_in(e)
+        if os_error is None:
+            raise
+        raise HW2Error(f"{path}: cannot write ({os_error.strerror or os_error}); files written "
+                       "before it are complete, e.g. checkpoint.pt for --resume") from None
+
+
+def _os_error_in(err):
+    """The OSError behind `err` (torch.save and file.close() can re-raise it wrapped or chained)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def write_json(path, obj):
@@ -1209,21 +1271,44 @@ def find_data_dir(data_dir=None, allow_download=True):
             raise HW2Error(f"--data-dir {data_dir}: no CIFAR-10 batch files "
                            "(expected data_batch_1..5, optionally inside cifar-10-batches-py/)")
         return folder, "--data-dir"
-    for cand in sorted(glob.glob("/kaggle/input/**/cifar-10-batches-py", recursive=True)):
+    kaggle_input = os.path.join(KAGGLE_ROOT, "input")
+    for cand in sorted(glob.glob(os.path.join(kaggle_input, "**", "cifar-10-batches-py"), recursive=True)):
         if _batches_folder(cand):
             return cand, "/kaggle/input"
     if _batches_folder("data"):
         return _batches_folder("data"), "./data"
+    # Kaggle saves everything under /kaggle/working as the notebook's output: download elsewhere
+    target = os.path.join(tempfile.gettempdir(), "hw2-cifar10") if on_kaggle() else "data"
+    if target != "data" and _batches_folder(target):
+        return _batches_folder(target), target
     if not allow_download:
         return None, "none"
     try:
         import torchvision
-        torchvision.datasets.CIFAR10("data", train=True, download=True)
+        torchvision.datasets.CIFAR10(target, train=True, download=True)
     except Exception as e:
         raise HW2Error("no CIFAR-10 data found (--data-dir, /kaggle/input, ./data) and the download "
                        f"failed ({type(e).__name__}): on Kaggle add the CIFAR-10 dataset or turn "
                        "Internet on, or pass --data-dir") from None
-    return _batches_folder("data"), "download"
+    return _batches_folder(target), "download"
+
+
+def find_competition_test_npy():
+    """The competition's test.npy under /kaggle/input, wherever it is mounted (None if absent).
+
+    Kaggle mounts a competition at input/<slug>/ or input/competitions/<slug>/; a folder named
+    after the competition wins, else the only test.npy there is. Depth is bounded so a large
+    attached dataset is not walked."""
+    kaggle_input = os.path.join(KAGGLE_ROOT, "input")
+    found = sorted(p for depth in range(1, 4)
+                   for p in glob.glob(os.path.join(kaggle_input, *["*"] * depth, "test.npy")))
+    ours = [p for p in found if COMPETITION in os.path.relpath(p, kaggle_input).split(os.sep)]
+    if ours:
+        return ours[0]
+    if len(found) > 1:
+        raise HW2Error(f"several test.npy under {kaggle_input} and none in a folder named {COMPETITION} "
+                       f"({', '.join(found)}): pass the right one with --test-npy (HW2_TEST_NPY)")
+    return found[0] if found else None
 
 
 def load_cifar_train(folder):
@@ -1327,7 +1412,11 @@ def load_data(cfg, preset):
     """Everything the run needs, validated before any training: train/val/test arrays."""
     smoke = cfg.preset == "smoke"
     explicit_test = cfg.test_npy is not None
-    test_path = cfg.test_npy if explicit_test else (KAGGLE_TEST_NPY if os.path.isfile(KAGGLE_TEST_NPY) else None)
+    test_path = cfg.test_npy if explicit_test else find_competition_test_npy()
+    if test_path is None and on_kaggle():  # never a submission for another test set on Kaggle
+        raise HW2Error(f"the competition's test.npy is not under {os.path.join(KAGGLE_ROOT, 'input')}: "
+                       f"attach it (Add Input -> Competitions -> {COMPETITION}) and run again, "
+                       "or pass --test-npy (HW2_TEST_NPY)")
     test_x = read_test_npy(test_path) if test_path else None
     sample = read_sample_submission(test_path, len(test_x)) if test_path else None
     folder, source = find_data_dir(cfg.data_dir, allow_download=not smoke)
@@ -1427,19 +1516,86 @@ def probe_cuda():
         return str(e).splitlines()[0]
 
 
+def cuda_facts():
+    """What this process sees of CUDA; initialises CUDA when a GPU is there."""
+    facts = dict(capability=None, arch=[], count=0, name=None, error=None, pid=os.getpid())
+    if torch.cuda.is_available():  # cudaGetDeviceCount: initialises the driver (poisons fork)
+        facts.update(capability=torch.cuda.get_device_capability(0), arch=torch.cuda.get_arch_list(),
+                     count=torch.cuda.device_count(), name=torch.cuda.get_device_name(0),
+                     error=probe_cuda())
+    return facts
+
+
+def _send_cuda_facts(conn):
+    conn.send(cuda_facts())
+    conn.close()
+
+
+def probe_cuda_facts():
+    """cuda_facts() from a short forked child, so that this process has not initialised CUDA and
+    can still fork training processes that use the GPUs (what accelerate's notebook_launcher
+    requires of a notebook). Where CUDA is already up, or fork is unavailable, probe here."""
+    if torch.cuda.is_initialized() or "fork" not in multiprocessing.get_all_start_methods():
+        return cuda_facts()
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_send_cuda_facts, args=(send,), daemon=True)
+    child.start()
+    send.close()
+    try:
+        facts = recv.recv() if recv.poll(300) else None
+    except EOFError:  # the child died (a broken driver): treat as no usable GPU
+        facts = None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+    if facts is None:
+        facts = dict(capability=None, arch=[], count=0, name=None, error=None, pid=child.pid,
+                     note="the CUDA probe process failed: running on the CPU")
+    return facts
+
+
+def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
+    """Pure: (--gpus, chosen device, GPU count, torchrun's WORLD_SIZE, fork usable) -> (ranks, note)."""
+    if torchrun_world is not None:
+        if gpus not in ("auto", str(torchrun_world)):
+            raise HW2Error(f"--gpus {gpus}: torchrun started {torchrun_world} processes; drop --gpus")
+        want = torchrun_world
+    elif gpus == "auto":
+        want = n_gpus if device == "cuda" else 1
+    else:
+        want = int(gpus)
+    note = ""
+    if want > 1 and torchrun_world is None and not can_fork:
+        want, note = 1, ("CUDA is already initialised in this process (an earlier run in this "
+                         "notebook kernel?), so no training processes can be forked: training in "
+                         "one process; restart the kernel to use every GPU")
+    elif device == "cuda" and want > n_gpus:
+        note = (f"{want} processes share {n_gpus} GPU(s) over gloo: a correctness check, not a "
+                "speed-up")
+    return max(1, want), note
+
+
 def choose_hardware(cfg):
-    cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
-    arch = torch.cuda.get_arch_list() if cap else []
+    facts = probe_cuda_facts() if cfg.device != "cpu" else dict(capability=None, arch=[], count=0)
+    cap, arch = facts["capability"], facts["arch"]
     plan = select_hardware(cfg.device, cap, arch, cfg.precision, cfg.compile, cfg.preset)
+    if facts.get("note") and not plan["note"]:
+        plan["note"] = facts["note"]
     if plan["device"] == "cuda":
-        err = probe_cuda()
+        err = facts["error"]
         if err:
             if cfg.device == "cuda":
                 raise HW2Error(f"--device cuda: the GPU fails a test op ({err}); on Kaggle switch "
                                "the accelerator to GPU T4")
             plan = select_hardware("cpu", None, [], "auto", False, cfg.preset)
             plan["note"] = f"GPU fails a test op ({err}); falling back to the CPU"
-    plan["name"] = torch.cuda.get_device_name(0) if plan["device"] == "cuda" else cpu_name()
+    plan["name"] = facts["name"] if plan["device"] == "cuda" else cpu_name()
+    torchrun_world = int(os.environ["WORLD_SIZE"]) if TORCHRUN_RANK is not None else None
+    can_fork = not torch.cuda.is_initialized() and "fork" in multiprocessing.get_all_start_methods()
+    plan["world_size"], note = select_world_size(getattr(cfg, "gpus", "auto"), plan["device"],
+                                                 facts["count"], torchrun_world, can_fork)
+    plan["note"] = "; ".join(n for n in (plan["note"], note) if n)
     return plan
 
 
@@ -1555,6 +1711,220 @@ if RUN and not CFG.answers_only:
     _m = Net(PRESETS[CFG.preset]["widths"], PRESETS[CFG.preset]["residual"])
     print(f"model: Net(widths={PRESETS[CFG.preset]['widths']}) with {count_params(_m):,} parameters")
     del _m
+
+# %% [markdown]
+# ### Several GPUs: data-parallel training
+#
+# Kaggle's "GPU T4 ×2" has two cards. With `--gpus auto` (the default; `HW2_GPUS` in a notebook)
+# the run trains on every usable GPU with PyTorch's `DistributedDataParallel` (NCCL between
+# GPUs); one GPU or the CPU keeps the single-process path. "Run all" in the notebook, `python
+# hw2.py` and `torchrun --nproc_per_node=N hw2.py` all work:
+#
+# * **Launching.** Like Hugging Face accelerate's `notebook_launcher`, the run *forks* one process
+#   per GPU (`torch.multiprocessing.start_processes(..., start_method="fork")`): fork works for
+#   functions defined in a notebook, and the workers inherit the data already loaded. A forked
+#   child cannot use CUDA once the parent has initialised it, so the hardware probe (which needs
+#   a real CUDA op) runs in a short child process of its own. Under `torchrun` every rank runs this
+#   file; ranks 1.. skip Problems 1-3 and the outputs and only train. `--gpus N --device cpu`
+#   starts N CPU processes over gloo: the tests' way to run this path without a GPU.
+# * **The batch** of a preset is the *global* batch: each of the N ranks takes a disjoint 1/N
+#   of it, cut from the same per-epoch permutation (every rank draws the same random numbers).
+#   Gradients are **summed** across ranks (a DDP communication hook), so each step equals one
+#   step of the single process on the whole batch: lr, weight decay, lookahead/EMA and the
+#   schedule need no rescaling.
+# * **BatchNorm per rank**, not SyncBatchNorm: on T4×2 each rank normalises over 512 images
+#   (`full`), far above the sizes where batch statistics get noisy (ghost batch norm uses
+#   16-128 on purpose), while SyncBatchNorm would add two blocking all-reduces per BN layer
+#   per step (the net has 7) on a PCIe link, and exists only for CUDA. The running statistics,
+#   the only state that differs between ranks, are averaged across ranks at each epoch end, so
+#   all ranks hold identical weights, checkpoints describe every rank, and the final model uses
+#   statistics from all the data.
+# * **Outputs.** Only rank 0 prints and writes `checkpoint.pt` and `model.pt`; prediction and the
+#   other outputs happen once, after training. `--resume` needs the same number of processes
+#   (the checkpoint records it) and says so otherwise; `metrics.json` records `world_size`.
+# * **Failures.** If any rank raises, the others are stopped within a few seconds, the error
+#   shown is that rank's one line, and nothing half-written is left; Ctrl-C stops every rank.
+
+# %%
+class SingleProcess:
+    """The hooks train() calls, for one process: all no-ops."""
+    rank, world = 0, 1
+
+    def wrap(self, model, compile_model):
+        return torch.compile(model) if compile_model else model
+
+    def shard(self, idx):
+        return idx
+
+    def end_epoch(self, model, lookahead, *totals):
+        pass
+
+
+class DataParallel(SingleProcess):
+    """Rank `rank` of `world`: DDP gradient sums, a 1/world shard of each batch, averaged BN stats."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def wrap(self, model, compile_model):
+        return _DDPModel(model, compile_model)
+
+    def shard(self, idx):
+        n = len(idx) // self.world  # a global batch not divisible by world drops its remainder
+        return idx[self.rank * n:(self.rank + 1) * n]
+
+    @torch.no_grad()
+    def end_epoch(self, model, lookahead, *totals):
+        for t in totals:  # the epoch's loss and correct counts, summed over ranks
+            dist.all_reduce(t)
+        for name, buf in model.named_buffers():  # BN running stats, and their lookahead copies
+            if buf.is_floating_point():
+                for b in (buf, lookahead.slow[name]):
+                    dist.all_reduce(b)
+                    b.div_(self.world)
+
+
+def _allreduce_sum(_, bucket):
+    # DDP averages gradients by default; the loss is a sum over the global batch, so sum them
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+class _DDPModel:
+    """DDP around `model`, rebuilt when the trainable set changes (the whitening bias freezes
+    after a few epochs, and DDP's reducer waits for every parameter it was built with)."""
+
+    def __init__(self, model, compile_model):
+        self.model, self.compile, self.key, self.fn = model, compile_model, None, None
+
+    def __call__(self, x):
+        key = tuple(p.requires_grad for p in self.model.parameters())
+        if key != self.key:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.fn = None  # drop the old reducer (and its autograd hooks) first
+            ids = [torch.cuda.current_device()] if x.is_cuda else None
+            with warnings.catch_warnings():  # torch 2.14 deprecates the flag; its successor
+                warnings.simplefilter("ignore", FutureWarning)  # hung in our test: keep this one
+                ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)  # buffers: end_epoch
+            ddp.register_comm_hook(None, _allreduce_sum)
+            self.fn, self.key = (torch.compile(ddp) if self.compile else ddp), key
+        return self.fn(x)
+
+
+DIST = SingleProcess()  # replaced inside each rank of a data-parallel run
+
+
+def train_rank(rank, world, data, hp, hw, cfg, store_dir=None):
+    """One rank of a data-parallel run (forked, or started by torchrun); rank 0 prints and writes."""
+    global DIST
+    cuda = hw["device"] == "cuda"
+    n_gpus = torch.cuda.device_count() if cuda else 0
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % n_gpus)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # share the cores
+    backend = "nccl" if cuda and world <= n_gpus else "gloo"  # NCCL refuses two ranks per GPU
+    if store_dir is None:  # torchrun: MASTER_ADDR/PORT, RANK, WORLD_SIZE from the environment
+        dist.init_process_group(backend)
+    else:
+        store = dist.FileStore(os.path.join(store_dir, "store"), world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    DIST = DataParallel(rank, world)
+    try:
+        batch_size = hp["batch_size"]
+        if rank == 0:
+            print(f"data-parallel: {world} processes ({backend}), global batch {batch_size} = "
+                  f"{world} × {batch_size // world}")
+        try:
+            model, history = train(data, hp, hw, cfg, cfg.epochs or hp["epochs"], batch_size,
+                                   log=print if rank == 0 else (lambda *a: None))
+        except torch.cuda.OutOfMemoryError:  # a retry would need every rank to agree: stop
+            raise HW2Error(f"CUDA out of memory at a global batch of {batch_size} on {world} "
+                           "processes: run with --gpus 1, which retries at half the batch") from None
+        if rank == 0:
+            save_torch(os.path.join(cfg.output_dir, "model.pt"),
+                       dict(model=model.state_dict(), preset=cfg.preset, history=history,
+                            batch_size=batch_size, world_size=world))
+        return model, history
+    finally:
+        DIST = SingleProcess()
+        dist.destroy_process_group()
+
+
+def _rank_main(rank, world, workdir, data, hp, hw, cfg):
+    """A forked rank: runs train_rank; a failure leaves its one-line message for the parent."""
+    if rank:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # only rank 0 talks
+    try:
+        train_rank(rank, world, data, hp, hw, cfg, store_dir=workdir)
+    except Exception as e:
+        import traceback
+        msg = str(e) if isinstance(e, HW2Error) else f"rank {rank} failed: {type(e).__name__}: {e}"
+        report = dict(time=time.time(), rank=rank, message=msg,
+                      traceback=None if isinstance(e, HW2Error) else traceback.format_exc())
+        with open(os.path.join(workdir, f"error.{rank}.json"), "w") as f:
+            json.dump(report, f)
+        raise
+
+
+def launch_ranks(world, data, hp, hw, cfg, grace_s=3.0):
+    """Fork `world` ranks and wait; the first failure stops them all and is raised as one HW2Error."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException, start_processes
+    workdir = tempfile.mkdtemp(prefix="hw2-ranks-")
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # we report, once
+    ctx = None
+    try:
+        ctx = start_processes(_rank_main, args=(world, workdir, data, hp, hw, cfg), nprocs=world,
+                              join=False, start_method="fork")
+        while not ctx.join(timeout=1.0, grace_period=grace_s):  # kills the rest when one fails
+            pass
+    except (ProcessRaisedException, ProcessExitedException) as e:
+        reports = []
+        for name in glob.glob(os.path.join(workdir, "error.*.json")):
+            with contextlib.suppress(OSError, ValueError), open(name) as f:
+                reports.append(json.load(f))
+        if not reports:
+            raise HW2Error(f"a training process died without a message ({e})") from None
+        first = min(reports, key=lambda r: r["time"])  # later ones are its echoes (lost peers)
+        if first["traceback"]:
+            print(first["traceback"], file=sys.stderr)
+        raise HW2Error(first["message"]) from None
+    finally:
+        for p in ctx.processes if ctx else []:  # Ctrl-C or an error here: no rank outlives us
+            if p.is_alive():
+                p.terminate()
+                p.join(grace_s)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def train_distributed(data, hp, hw, cfg):
+    """train_with_oom_retry's data-parallel twin: (model, history, batch_size); model.pt is written."""
+    world = hw["world_size"]
+    if TORCHRUN_RANK is not None:  # torchrun made this process rank 0: train right here
+        model, history = train_rank(0, world, data, hp, hw, cfg)
+        return model, history, hp["batch_size"]
+    launch_ranks(world, data, hp, hw, cfg)
+    saved = load_checkpoint(os.path.join(cfg.output_dir, "model.pt"))  # rank 0's result
+    model = Net(hp["widths"], hp["residual"]).to(hw["device"], memory_format=torch.channels_last)
+    model.load_state_dict(saved["model"])
+    return model, saved["history"], saved["batch_size"]
+
+
+def torchrun_follower():
+    """Ranks 1.. under torchrun: rank 0's config, hardware and data, then train; no outputs."""
+    sys.stdout = open(os.devnull, "w")
+    with contextlib.redirect_stderr(io.StringIO()):  # rank 0 already printed any warning
+        cfg = parse_config()
+    cfg.output_dir = os.path.abspath(cfg.output_dir)
+    hw = choose_hardware(cfg)
+    cfg.preset = hw["preset"]
+    if hw["device"] == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
+               dict(PRESETS[cfg.preset]), hw, cfg)
+
 
 # %% [markdown]
 # ### Training on the GPU
@@ -1730,11 +2100,13 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
     base_flip = torch.rand(n, device=device, generator=gen) < 0.5
     history, start_epoch, step = [], 0, 0
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
-    identity = dict(preset=cfg.preset, seed=cfg.seed, epochs=epochs, batch_size=batch_size, n_train=n)
+    identity = dict(preset=cfg.preset, seed=cfg.seed, epochs=epochs, batch_size=batch_size, n_train=n,
+                    world_size=DIST.world)
     if cfg.resume:
         if not os.path.isfile(ckpt_path):
             raise HW2Error(f"--resume: {ckpt_path} does not exist (nothing to resume)")
         ck = load_checkpoint(ckpt_path)
+        check_resume_world_size(ck.get("identity"), DIST.world, ckpt_path)
         if ck.get("identity") != identity:
             raise HW2Error(f"--resume: {ckpt_path} is from another run ({ck.get('identity')}), "
                            f"this run is {identity}")
@@ -1748,7 +2120,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
         torch.set_rng_state(ck["cpu_rng"])
         history, start_epoch, step = ck["history"], ck["epoch"] + 1, ck["step"]
         log(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
-    compiled = torch.compile(model) if hw["compile"] else model
+    compiled = DIST.wrap(model, hw["compile"])  # torch.compile and/or DDP (see "Several GPUs")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"], reduction="sum")
     log(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_acc':>7} {'lr':>8} {'seconds':>7}")
     for row in history:
@@ -1765,6 +2137,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
         correct = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = DIST.shard(idx)  # this rank's part of the global batch
             inputs, labels = x_epoch[idx], train_y[idx]
             f = lr_factor(step, total, hp["warmup"])
             for g in opt.param_groups:
@@ -1787,6 +2160,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
             correct += (out.argmax(1) == labels).sum()
             if device == "cpu" and steps_per_epoch >= 20 and (IN_NOTEBOOK or sys.stderr.isatty()):
                 progress(i, steps_per_epoch, t0)
+        DIST.end_epoch(model, lookahead, loss_sum, correct)  # ranks agree on stats and BN buffers
         seen = steps_per_epoch * batch_size
         row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    val_acc=None, lr=opt.param_groups[1]["lr"], seconds=0.0)
@@ -1796,9 +2170,18 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
         row["seconds"] = time.time() - t0
         history.append(row)
         log(_epoch_line(row))
-        save_torch(ckpt_path, _checkpoint(model, lookahead, opt, scaler, epoch, step, history,
-                                          base_flip, gen, dict(identity=identity)))
+        if DIST.rank == 0:
+            save_torch(ckpt_path, _checkpoint(model, lookahead, opt, scaler, epoch, step, history,
+                                              base_flip, gen, dict(identity=identity)))
     return model, history
+
+
+def check_resume_world_size(identity, world, path):
+    saved = (identity or {}).get("world_size", 1)
+    if saved != world:
+        raise HW2Error(f"--resume: {path} was written by a run on {saved} process(es), this run has "
+                       f"{world}: rerun with --gpus {saved} (HW2_GPUS={saved}), or start afresh "
+                       "without --resume")
 
 
 def _epoch_line(r):
@@ -1840,11 +2223,16 @@ if RUN and not CFG.answers_only:
         MODEL.load_state_dict(_saved["model"])
         HISTORY, BATCH_SIZE = _saved["history"], _saved["batch_size"]
         print(f"loaded {MODEL_PATH} (trained {len(HISTORY)} epochs): no training")
+    elif HW["world_size"] > 1:  # several GPUs (or --gpus N on the CPU): see "Several GPUs"
+        MODEL, HISTORY, BATCH_SIZE = train_distributed(DATA, HP, HW, CFG)
     else:
         MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG)
         save_torch(os.path.join(CFG.output_dir, "model.pt"),
                    dict(model=MODEL.state_dict(), preset=CFG.preset, history=HISTORY, batch_size=BATCH_SIZE))
     T_TRAIN = time.time() - T0
+
+if __name__ == "__main__" and TORCHRUN_RANK:  # ranks 1.. of torchrun (they skipped every section)
+    torchrun_follower()
 
 # %% [markdown]
 # ### Prediction and `submission.csv`
@@ -1973,6 +2361,7 @@ if RUN and not CFG.answers_only:
     FIGS = save_figures(HISTORY, VAL_CM, DATA["test_x"], TEST_PRED, CFG.output_dir)
     METRICS = dict(
         preset=CFG.preset, seed=CFG.seed, device=HW["device"], device_name=HW["name"],
+        world_size=HW["world_size"],
         precision=HW["precision"], torch=torch.__version__, numpy=np.__version__,
         python=platform.python_version(), epochs=len(HISTORY), batch_size=BATCH_SIZE,
         parameters=count_params(MODEL), n_train=len(DATA["train_x"]), n_val=len(DATA["val_x"]),

@@ -10,6 +10,9 @@ from conftest import ROOT
 
 def test_make_check_executes_the_notebook():
     env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    # settings left in the caller's shell must not leak into `make check` (each would break it)
+    env.update(HW2_TEST_NPY="/nonexistent/test.npy", HW2_EPOCHS="1000", HW2_GPUS="zero",
+               HW2_PRECISION="fp16")
     proc = subprocess.run(["make", "-s", "check"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1200, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -244,9 +244,11 @@ def test_smoke_dry_run_slices_a_found_test_set_and_drops_its_sample(tmp_path, mo
     for k in [k for k in os.environ if k.startswith("HW2_")]:
         monkeypatch.delenv(k)
     images = np.random.default_rng(4).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
-    np.save(tmp_path / "test.npy", images)
-    pd.DataFrame({"Id": range(300), "Category": 0}).to_csv(tmp_path / "sample_submission.csv", index=False)
-    monkeypatch.setattr(hw2, "KAGGLE_TEST_NPY", str(tmp_path / "test.npy"))
+    comp = tmp_path / "input" / hw2.COMPETITION
+    comp.mkdir(parents=True)
+    np.save(comp / "test.npy", images)
+    pd.DataFrame({"Id": range(300), "Category": 0}).to_csv(comp / "sample_submission.csv", index=False)
+    monkeypatch.setattr(hw2, "KAGGLE_ROOT", str(tmp_path))
     cfg = hw2.parse_config(["--preset", "smoke", "--data-dir", tiny_cifar_dir])
     data = hw2.load_data(cfg, hw2.PRESETS["smoke"])
     assert len(data["test_x"]) == hw2.PRESETS["smoke"]["n_test"] and data["sample"] is None

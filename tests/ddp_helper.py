@@ -1,0 +1,103 @@
+"""Drives hw2's data-parallel launcher without Problems 1-3 (a test helper, not a test).
+
+python tests/ddp_helper.py MODE OUT [hw2 flags...]: smoke-trains on synthetic images through
+`hw2.train_distributed` exactly as the notebook's training cell calls it, after
+`hw2.parse_config`/`hw2.choose_hardware` read the flags. Each rank writes the sha256 of its final
+state_dict to OUT/../rank<R>.sha256. MODE injects a fault: `ok` none; `raise` rank 1 raises an
+HW2Error at step 3 while rank 0 trains on (and blocks in the next all-reduce); `hang` rank 1
+raises while rank 0 sleeps outside any collective; `interrupt` every rank stops at the first
+step of epoch 2 (checkpoint.pt holds epoch 1); `slow` every step sleeps 0.5 s (for Ctrl-C).
+"""
+import hashlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hw2  # noqa: E402
+
+mode, out, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.excepthook = hw2._script_excepthook  # what `python hw2.py` installs: one line per HW2Error
+
+
+def state_sha(model):
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+_train_rank, _lr_factor = hw2.train_rank, hw2.lr_factor
+
+
+def train_rank(rank, world, *args, **kw):
+    model, history = _train_rank(rank, world, *args, **kw)
+    with open(os.path.join(os.path.dirname(out), f"rank{rank}.sha256"), "w") as f:
+        f.write(state_sha(model))
+    return model, history
+
+
+def lr_factor(step, total, warmup):
+    rank = hw2.DIST.rank
+    if mode == "slow":
+        time.sleep(0.5)
+    if mode == "interrupt" and step == 16:  # the first step of epoch 2 (smoke: 16 steps/epoch)
+        raise hw2.HW2Error(f"injected interruption on rank {rank}")
+    if mode in ("raise", "hang") and step == 3:
+        if rank == 1:
+            raise hw2.HW2Error("injected failure on rank 1")
+        if mode == "hang":
+            time.sleep(3600)
+    return _lr_factor(step, total, warmup)
+
+
+def check_grads(rank, world, workdir):
+    """One step through DataParallel's shard + DDP wrap equals one process on the whole batch."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
+                            rank=rank, world_size=world)
+    dp = hw2.DataParallel(rank, world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    idx = dp.shard(torch.randperm(32, generator=torch.Generator().manual_seed(1)))
+    net = dp.wrap(model, False)  # held, as train() holds it: DDP's hooks live with the wrapper
+    F.cross_entropy(net(x[idx]), y[idx], reduction="sum").backward()
+    F.cross_entropy(ref(x), y, reduction="sum").backward()
+    shards = [torch.zeros_like(idx) for _ in range(world)]
+    dist.all_gather(shards, idx)
+    err = max(float((p.grad - q.grad).abs().max() / q.grad.abs().max())
+              for p, q in zip(model.parameters(), ref.parameters()))
+    with open(os.path.join(workdir, f"grads.{rank}"), "w") as f:
+        f.write(f"{len(idx)} {sorted(torch.cat(shards).tolist()) == list(range(32))} {err:.3g}")
+    dist.destroy_process_group()
+
+
+if mode == "grads":
+    from torch.multiprocessing import start_processes
+    os.makedirs(out)
+    start_processes(check_grads, args=(2, out), nprocs=2, start_method="fork")
+    for r in range(2):
+        with open(os.path.join(out, f"grads.{r}")) as f:
+            print(f"rank {r}: {f.read()}")
+    sys.exit(0)
+
+hw2.train_rank, hw2.lr_factor = train_rank, lr_factor
+cfg = hw2.parse_config(["--preset", "smoke", "--output-dir", out, *flags])
+cfg.output_dir = hw2.prepare_output_dir(cfg.output_dir)
+hw = hw2.choose_hardware(cfg)
+x, y = hw2.synthetic_cifar(640, seed=3)
+tx, ty, vx, vy = hw2.split_train_val(x, y, 128)
+data = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy)
+print(f"world_size {hw['world_size']}", flush=True)
+hp = dict(hw2.PRESETS["smoke"])
+if hw["world_size"] > 1:
+    model, history, batch = hw2.train_distributed(data, hp, hw, cfg)
+else:  # the single-process path of the training cell
+    model, history, batch = hw2.train_with_oom_retry(data, hp, hw, cfg)
+print(f"parent {state_sha(model)} epochs {len(history)} batch {batch}", flush=True)

@@ -1,0 +1,181 @@
+"""Clean ends: a failed write is one line naming the file and the system's reason, with no temp
+file left; a notebook shows an HW2Error as one line and cleans up; unknown HW2_* variables warn."""
+import errno
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+import hw2
+from conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _no_hw2_env(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+
+
+# ------------------------------------------------------------------ writes
+
+def _full_disk_after(n_bytes):
+    def write_fn(f):
+        f.write(b"x" * n_bytes)
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write_fn
+
+
+def test_full_disk_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("previous run")
+    with pytest.raises(hw2.HW2Error) as err:
+        hw2.atomic_write(str(path), _full_disk_after(100), mode="wb")
+    assert str(err.value).startswith(f"{path}: cannot write (No space left on device)")
+    assert err.value.__context__ is None or not isinstance(err.value.__cause__, OSError)
+    assert os.listdir(tmp_path) == ["metrics.json"] and path.read_text() == "previous run"
+
+
+def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
+    # torch.save writes through the file object; its ENOSPC must come out as the same one line
+    import torch
+    path = tmp_path / "checkpoint.pt"
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(hw2.HW2Error, match=f"{path}: cannot write \\(No space left on device\\)"):
+        hw2.save_torch(str(path), {"w": torch.zeros(10000)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_dir_deleted_mid_run(tmp_path):
+    gone = tmp_path / "gone"
+    with pytest.raises(hw2.HW2Error, match=f"{gone / 'model.pt'}: cannot write \\(No such file or directory\\)"):
+        hw2.atomic_write(str(gone / "model.pt"), lambda f: f.write("x"))
+
+
+def test_permission_lost(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        with pytest.raises(hw2.HW2Error, match="Permission denied"):
+            hw2.atomic_write(str(d / "x.json"), lambda f: f.write("x"))
+    finally:
+        d.chmod(0o700)
+
+
+def test_a_real_write_limit_ends_the_script_in_one_line(tmp_path, tiny_cifar_dir):
+    # A real kernel refusal, no mocks: RLIMIT_FSIZE makes every write past 120 kB fail with EFBIG
+    # (Python ignores SIGXFSZ). Problems 1-3 and the small outputs fit; checkpoint.pt does not.
+    out = tmp_path / "out"
+    test_npy = tmp_path / "test.npy"
+    np.save(test_npy, np.zeros((20, 32, 32, 3), np.uint8))
+    limit = 120_000
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    env.update(PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "hw2.py"), "--preset", "smoke", "--data-dir",
+                          tiny_cifar_dir, "--test-npy", str(test_npy), "--output-dir", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path),
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errs = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert errs == [f"hw2: error: {out / 'checkpoint.pt'}: cannot write (File too large); files "
+                    "written before it are complete, e.g. checkpoint.pt for --resume"], res.stderr[-3000:]
+    assert not out.exists()  # the run created it and completed nothing in it: removed, temp file too
+
+
+# ------------------------------------------------------------------ unknown variables
+
+def test_unknown_hw2_variable_warns_with_the_closest_name(monkeypatch, capsys):
+    monkeypatch.setenv("HW2_EPOCH", "5")
+    monkeypatch.setenv("HW2_EPOCHS", "3")  # a real one: no warning
+    monkeypatch.setenv("HW2_ZZZ", "1")
+    cfg = hw2.parse_config([])
+    err = capsys.readouterr().err.splitlines()
+    assert cfg.epochs == 3
+    assert err[0] == "hw2: warning: HW2_EPOCH is not a hw2 setting and is ignored (did you mean HW2_EPOCHS?)"
+    assert err[1].startswith("hw2: warning: HW2_ZZZ is not a hw2 setting and is ignored (known: HW2_PRESET, ")
+    assert len(err) == 2
+
+
+def test_every_flag_has_its_variable(capsys, monkeypatch):
+    for action in hw2.build_parser()._actions:
+        if action.dest != "help":
+            monkeypatch.setenv("HW2_" + action.dest.upper(), "")  # empty = unset, but known
+    hw2.parse_config([])
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ the notebook
+
+def execute_copy(tmp_path, env, monkeypatch):
+    """Run a copy of hw2.ipynb in a fresh kernel (cwd tmp_path); returns (notebook, raised)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(os.path.join(ROOT, "hw2.ipynb"), as_version=4)
+    client = NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()
+        return nb, False
+    except CellExecutionError:
+        return nb, True
+
+
+def test_notebook_shows_an_hw2_error_as_one_line_and_cleans_up(tmp_path, monkeypatch):
+    bad = str(tmp_path / "no-such-cifar")
+    nb, raised = execute_copy(tmp_path, {"HW2_DATA_DIR": bad, "HW2_PRESET": "smoke",
+                                         "HW2_OUTPUT_DIR": "out"}, monkeypatch)
+    assert raised  # "Run all" stops at the failing cell
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert len(errors) == 1
+    assert errors[0]["traceback"] == [f"hw2: error: --data-dir {bad}: no such directory"]
+    assert not (tmp_path / "out").exists()  # created by the run, removed like the script does
+
+
+def test_notebook_trains_on_two_forked_ranks(tmp_path, monkeypatch, tiny_cifar_dir):
+    # "Run all" with 2 processes: fork from the kernel (functions defined in __main__), rank 0's
+    # table reaches the notebook, outputs written once
+    np.save(tmp_path / "test.npy", np.zeros((20, 32, 32, 3), np.uint8))
+    nb, raised = execute_copy(tmp_path, {"HW2_GPUS": "2", "HW2_DEVICE": "cpu", "HW2_PRESET": "smoke",
+                                         "HW2_DATA_DIR": tiny_cifar_dir, "HW2_OUTPUT_DIR": "out",
+                                         "HW2_TEST_NPY": str(tmp_path / "test.npy")}, monkeypatch)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert not raised, text[-3000:]
+    assert "data-parallel: 2 processes (gloo)" in text and text.count("train_loss") == 1
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["n_test"] == 20
+    shutil.rmtree(tmp_path / "out")
