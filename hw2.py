@@ -29,10 +29,11 @@
 # | `quick` (default on CPU) | 2-core CPU | same family, 16/64/128 channels, 8 epochs | ≈ 4.5 min for the whole script | see `BENCHMARKS.md` |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
 #
-# **Run it.** On Kaggle: add the competition data, switch the accelerator to a GPU (T4), *Run all*;
-# `submission.csv` appears in `/kaggle/working`. Locally: `make run` (or `python hw2.py`);
-# `python hw2.py --help` lists every flag, and each flag can also be set through an environment
-# variable `HW2_<FLAG>` (e.g. `HW2_PRESET=quick`), which is how a notebook kernel takes options.
+# **Run it.** On Kaggle: add the competition data, switch the accelerator to *GPU T4 ×2* (both
+# cards train together; one T4 works too), *Run all*; `submission.csv` appears in `/kaggle/working`.
+# Locally: `make run` (or `python hw2.py`); `python hw2.py --help` lists every flag, and each flag
+# can also be set through an environment variable `HW2_<FLAG>` (e.g. `HW2_PRESET=quick`), which is
+# how a notebook kernel takes options.
 #
 # ```
 # python hw2.py                                   # everything, preset by hardware
@@ -1207,8 +1208,14 @@ if RUN and CFG.answers_only:
 # else. Images stay uint8 (N×3×32×32) until they are on the training device.
 #
 # Where the data comes from, in order: `--data-dir`; any `cifar-10-batches-py` under
-# `/kaggle/input`; `./data`; else a torchvision download (needs internet). A path given explicitly
-# is never silently replaced: if it is wrong, that is the error.
+# `/kaggle/input`; `./data`; else a torchvision download (needs internet; on Kaggle into the temp
+# dir, because everything in `/kaggle/working` is saved as the notebook's output). A path given
+# explicitly is never silently replaced: if it is wrong, that is the error.
+#
+# The test images: `--test-npy`, else the competition's `test.npy` wherever Kaggle mounted it
+# under `/kaggle/input`. On Kaggle without it the run stops and says how to attach the
+# competition: a submission for any other test set (say CIFAR-10's own `test_batch`) would look
+# plausible and be wrong. Off Kaggle, CIFAR-10's `test_batch` is predicted and scored.
 
 # %%
 class _CifarUnpickler(pickle.Unpickler):
@@ -1450,7 +1457,10 @@ def load_data(cfg, preset):
 # `torch.cuda.is_available()` is not enough: a torch wheel built without kernels for the card's
 # architecture (e.g. Kaggle's P100, sm_60, with a cu128 build) fails on the first CUDA op. The
 # choice is a small pure function of (capability, compiled arch list, flags), followed by a
-# probe op on the real device.
+# probe op on the real device. The probe runs in a short forked child: even
+# `torch.cuda.is_available()` initialises the CUDA driver, after which this process could no
+# longer fork training processes that use the GPUs (see "Several GPUs"). The number of
+# processes is a second pure function of (`--gpus`, device, GPU count, torchrun).
 
 # %%
 def cuda_arch_supported(capability, arch_list):
@@ -1729,16 +1739,16 @@ if RUN and not CFG.answers_only:
 #   starts N CPU processes over gloo: the tests' way to run this path without a GPU.
 # * **The batch** of a preset is the *global* batch: each of the N ranks takes a disjoint 1/N
 #   of it, cut from the same per-epoch permutation (every rank draws the same random numbers).
-#   Gradients are **summed** across ranks (a DDP communication hook), so each step equals one
-#   step of the single process on the whole batch: lr, weight decay, lookahead/EMA and the
-#   schedule need no rescaling.
+#   Gradients are **summed** across ranks (a DDP communication hook), so a step is the single
+#   process's step on the whole batch (up to BatchNorm, next point): lr, weight decay,
+#   lookahead/EMA and the schedule need no rescaling.
 # * **BatchNorm per rank**, not SyncBatchNorm: on T4×2 each rank normalises over 512 images
 #   (`full`), far above the sizes where batch statistics get noisy (ghost batch norm uses
-#   16-128 on purpose), while SyncBatchNorm would add two blocking all-reduces per BN layer
-#   per step (the net has 7) on a PCIe link, and exists only for CUDA. The running statistics,
-#   the only state that differs between ranks, are averaged across ranks at each epoch end, so
-#   all ranks hold identical weights, checkpoints describe every rank, and the final model uses
-#   statistics from all the data.
+#   16-128 on purpose); SyncBatchNorm would add two blocking collectives per BN layer per step
+#   (`full` has 9) on a PCIe link, and has no CPU path, so the gloo tests could not cover it.
+#   The running statistics, the only state that differs between ranks, are averaged across
+#   ranks at each epoch end: all ranks hold identical weights (a test compares checksums),
+#   checkpoints describe every rank, and the final statistics come from all the data.
 # * **Outputs.** Only rank 0 prints and writes `checkpoint.pt` and `model.pt`; prediction and the
 #   other outputs happen once, after training. `--resume` needs the same number of processes
 #   (the checkpoint records it) and says so otherwise; `metrics.json` records `world_size`.
