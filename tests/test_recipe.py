@@ -354,8 +354,10 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     test = np.random.default_rng(3).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "test.npy", test)
     out = tmp_path / "out"
-    proc = run_hw2("--preset", "fast", "--epochs", "1", "--val-size", "200", "--data-dir", tiny_cifar_dir,
-                   "--test-npy", tmp_path / "test.npy", "--output-dir", out, "--deterministic")
+    # --device cpu: without it a machine with no usable GPU swaps the GPU presets for `quick`
+    proc = run_hw2("--preset", "fast", "--device", "cpu", "--epochs", "1", "--val-size", "200",
+                   "--data-dir", tiny_cifar_dir, "--test-npy", tmp_path / "test.npy", "--output-dir", out,
+                   "--deterministic")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     sub = pd.read_csv(out / "submission.csv")
