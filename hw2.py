@@ -290,50 +290,54 @@ if RUN:
 # One example ($m = 1$), so $J = -L = -\big[y\log\hat p + (1-y)\log(1-\hat p)\big]$.
 # Every number below is computed in the code cell that follows (float64) and every
 # derivative is computed twice: from the closed form written here, and by
-# `torch.autograd` (float64); the cell raises if the two disagree.
+# `torch.autograd` (float64); the cell raises if the two disagree. Gradients with respect to a
+# vector are written as rows (numerator layout), as the question's $\partial z_2/\partial a_1$ suggests.
 #
 # ### Problem 1.1 — prediction $\hat p$
+#
+# $$\boxed{\hat p = \sigma(z_2) = \sigma(2.036) \approx 0.8845}$$
 #
 # $$z_1 = W_1x + b_1 = \begin{bmatrix}-0.2\cdot1.5 + 0.1\cdot(-0.8) + 1.2\\ 0.5\cdot1.5 + 0.3\cdot(-0.8) + 0\\ 0.35\cdot1.5 + 0.4\cdot(-0.8) - 0.7\end{bmatrix}
 #   = \begin{bmatrix}0.82\\0.51\\-0.495\end{bmatrix},\qquad
 #   a_1 = \mathrm{ReLU}(z_1) = \begin{bmatrix}0.82\\0.51\\0\end{bmatrix}$$
 #
 # $$z_2 = W_2a_1 + b_2 = 1.5\cdot0.82 + 0.6\cdot0.51 - 0.4\cdot0 + 0.5 = 2.036,\qquad
-#   \hat p = \sigma(2.036) = \frac{1}{1+e^{-2.036}} \approx \mathbf{0.8845}$$
+#   \hat p = \frac{1}{1+e^{-2.036}} \approx 0.8845$$
 #
 # (The loss is $J = -\log(1-\hat p) \approx 2.159$: a confident wrong prediction, since $y = 0$.)
 #
 # ### Problem 1.2 — $\partial J/\partial \hat p$
 #
+# $$\boxed{\frac{\partial J}{\partial \hat p} = \frac{1}{1-\hat p} \approx 8.660}$$
+#
 # $$\frac{\partial J}{\partial \hat p} = -\frac1m\Big[\frac{y}{\hat p} - \frac{1-y}{1-\hat p}\Big]
 #   \overset{m=1}{=} \frac{\hat p - y}{\hat p(1-\hat p)}
-#   \overset{y=0}{=} \frac{1}{1-\hat p} \approx \mathbf{8.660}$$
+#   \overset{y=0}{=} \frac{1}{1-\hat p}$$
 #
 # ### Problem 1.3 — $\partial \hat p/\partial z_2$
 #
-# $$\frac{\partial \hat p}{\partial z_2} = \sigma'(z_2) = \sigma(z_2)\big(1-\sigma(z_2)\big) = \hat p(1-\hat p) \approx \mathbf{0.1021}$$
+# $$\boxed{\frac{\partial \hat p}{\partial z_2} = \sigma'(z_2) = \sigma(z_2)\big(1-\sigma(z_2)\big) = \hat p(1-\hat p) \approx 0.1021}$$
 #
 # (So $\partial J/\partial z_2 = \hat p - y \approx 0.8845$: the two denominators cancel.)
 #
 # ### Problem 1.4 — $\partial z_2/\partial a_1$
 #
-# $$\frac{\partial z_2}{\partial a_1} = W_2 = \begin{bmatrix}1.5 & 0.6 & -0.4\end{bmatrix}\quad(1\times3)$$
+# $$\boxed{\frac{\partial z_2}{\partial a_1} = W_2 = \begin{bmatrix}1.5 & 0.6 & -0.4\end{bmatrix}}\quad(1\times3)$$
 #
 # ### Problem 1.5 — $\partial a_1/\partial z_1$
 #
-# ReLU acts elementwise, so its Jacobian is diagonal with the ReLU slope on the diagonal:
+# $$\boxed{\frac{\partial a_1}{\partial z_1} = \mathrm{diag}\big(\mathbb 1[z_1>0]\big) = \begin{bmatrix}1&0&0\\0&1&0\\0&0&0\end{bmatrix}}\quad(3\times3)$$
 #
-# $$\frac{\partial a_1}{\partial z_1} = \mathrm{diag}\big(\mathbb 1[z_1>0]\big) = \begin{bmatrix}1&0&0\\0&1&0\\0&0&0\end{bmatrix}\quad(3\times3)$$
-#
-# ($z_{1,3} = -0.495 < 0$, so the third unit is dead for this input and passes no gradient.)
+# ReLU acts elementwise, so its Jacobian is diagonal with the ReLU slope on the diagonal;
+# $z_{1,3} = -0.495 < 0$, so the third unit is dead for this input and passes no gradient.
 #
 # ### Problem 1.6 — $\partial z_1/\partial W_1$
 #
-# $z_{1,i} = \sum_k W_{1,ik}x_k + b_{1,i}$ depends only on row $i$ of $W_1$, so the
-# derivative is a $3\times3\times2$ tensor
+# $$\boxed{\frac{\partial z_{1,i}}{\partial W_{1,jk}} = \delta_{ij}\,x_k}\quad(3\times3\times2)$$
 #
-# $$\frac{\partial z_{1,i}}{\partial W_{1,jk}} = \delta_{ij}\,x_k ,\qquad
-#   \text{i.e. } \frac{\partial z_{1,i}}{\partial W_1} = e_i\,x^\top
+# $z_{1,i} = \sum_k W_{1,ik}x_k + b_{1,i}$ depends only on row $i$ of $W_1$, so
+#
+# $$\frac{\partial z_{1,i}}{\partial W_1} = e_i\,x^\top
 #   \;\Rightarrow\;
 #   \frac{\partial z_{1,1}}{\partial W_1} = \begin{bmatrix}1.5&-0.8\\0&0\\0&0\end{bmatrix},\;
 #   \frac{\partial z_{1,2}}{\partial W_1} = \begin{bmatrix}0&0\\1.5&-0.8\\0&0\end{bmatrix},\;
@@ -341,13 +345,22 @@ if RUN:
 #
 # ### Problem 1.7 — $\partial J/\partial W_1$
 #
-# Chain the pieces: $\frac{\partial J}{\partial z_1} = \frac{\partial J}{\partial \hat p}\,\frac{\partial \hat p}{\partial z_2}\,\frac{\partial z_2}{\partial a_1}\,\frac{\partial a_1}{\partial z_1}$
-# is a $1\times3$ row; contracting it with the $3\times3\times2$ tensor of 1.6 over $i$ gives a
-# $3\times2$ matrix, the **same shape as $W_1$**:
+# $$\boxed{\frac{\partial J}{\partial W_1} = \Big(\frac{\partial J}{\partial z_1}\Big)^{\!\top} x^\top \approx \begin{bmatrix}1.9902 & -1.0614\\ 0.7961 & -0.4246\\ 0 & 0\end{bmatrix}}\quad(3\times2,\ \text{the shape of } W_1)$$
+#
+# Chain the pieces of 1.2–1.5 into $1\times3$ rows:
+#
+# $$\frac{\partial J}{\partial a_1} = \frac{\partial J}{\partial \hat p}\,\frac{\partial \hat p}{\partial z_2}\,\frac{\partial z_2}{\partial a_1} = (\hat p - y)\,W_2
+#   \approx \begin{bmatrix}1.3268 & 0.5307 & -0.3538\end{bmatrix},\qquad
+#   \frac{\partial J}{\partial z_1} = \frac{\partial J}{\partial a_1}\,\frac{\partial a_1}{\partial z_1}
+#   \approx \begin{bmatrix}1.3268 & 0.5307 & 0\end{bmatrix}$$
+#
+# Contracting the row $\partial J/\partial z_1$ with the $3\times3\times2$ tensor of 1.6 over $i$ gives
+# $\frac{\partial J}{\partial W_{1,jk}} = \sum_i \frac{\partial J}{\partial z_{1,i}}\,\delta_{ij}\,x_k = \frac{\partial J}{\partial z_{1,j}}\,x_k$,
+# the outer product of the column $(\partial J/\partial z_1)^\top$ with the row $x^\top$:
 #
 # $$\frac{\partial J}{\partial W_1}
-#   = \underbrace{\Big[\big(W_2^\top(\hat p - y)\big)\odot \mathbb 1[z_1>0]\Big]}_{3\times1}\;\underbrace{x^\top}_{1\times2}
-#   = 0.8845\begin{bmatrix}1.5\\0.6\\0\end{bmatrix}\begin{bmatrix}1.5 & -0.8\end{bmatrix}
+#   = \underbrace{\Big(\frac{\partial J}{\partial z_1}\Big)^{\!\top}}_{3\times1}\;\underbrace{x^\top}_{1\times2}
+#   = \begin{bmatrix}1.3268\\0.5307\\0\end{bmatrix}\begin{bmatrix}1.5 & -0.8\end{bmatrix}
 #   \approx \begin{bmatrix}1.9902 & -1.0614\\ 0.7961 & -0.4246\\ 0 & 0\end{bmatrix}$$
 
 # %%
@@ -377,8 +390,9 @@ def problem1():
 
     # ---- 1.7 the compact backprop formula ----
     delta2 = p_hat - y                                   # dJ/dz2: sigmoid+BCE denominators cancel
-    delta1 = (W2[0] * delta2) * (z1 > 0)                 # dJ/dz1, shape (3,)
-    dJ_dW1 = np.outer(delta1, x) + 0.0                   # (3, 2), same shape as W1; +0.0 drops -0.0
+    dJ_da1 = W2[0] * delta2                              # (3,): the row dJ/da1, for partial credit
+    delta1 = dJ_da1 * (z1 > 0) + 0.0                     # dJ/dz1, shape (3,); +0.0 drops -0.0
+    dJ_dW1 = np.outer(delta1, x) + 0.0                   # (dJ/dz1)^T x^T: (3,1)(1,2) -> (3,2) like W1
     # ...and the same thing as an explicit product of the Jacobians above, to show the
     # shapes compose: (1x1)(1x1)(1x3)(3x3) -> 1x3 row, contracted with the 3x3x2 tensor.
     dJ_dz1_row = dJ_dp_hat * dp_hat_dz2 * (dz2_da1 @ da1_dz1)
@@ -392,6 +406,8 @@ def problem1():
     W1_t.requires_grad_(True)
     z1_t = W1_t @ x_t + b1_t
     a1_t = torch.relu(z1_t)
+    z1_t.retain_grad()
+    a1_t.retain_grad()
     z2_t = W2_t @ a1_t + b2_t
     p_t = torch.sigmoid(z2_t)
     J_t = -(y * torch.log(p_t) + (1 - y) * torch.log(1 - p_t)).mean()
@@ -405,10 +421,13 @@ def problem1():
         "dz2_da1": jac(lambda a: W2_t.detach() @ a + b2_t, t(a1)).numpy(),        # (1, 3)
         "da1_dz1": jac(torch.relu, t(z1)).numpy(),                                 # (3, 3)
         "dz1_dW1": jac(lambda W: W @ x_t + b1_t, t(W1)).numpy(),                   # (3, 3, 2)
+        "dJ_da1": a1_t.grad.numpy(),
+        "dJ_dz1": z1_t.grad.numpy(),
         "dJ_dW1": W1_t.grad.numpy(),
     }
     hand = {"p_hat": p_hat, "dJ_dp_hat": dJ_dp_hat, "dp_hat_dz2": dp_hat_dz2,
-            "dz2_da1": dz2_da1, "da1_dz1": da1_dz1, "dz1_dW1": dz1_dW1, "dJ_dW1": dJ_dW1}
+            "dz2_da1": dz2_da1, "da1_dz1": da1_dz1, "dz1_dW1": dz1_dW1,
+            "dJ_da1": dJ_da1, "dJ_dz1": delta1, "dJ_dW1": dJ_dW1}
 
     print("Problem 1 (float64, m = 1)")
     print(f"  z1 = {np.round(z1, 6).tolist()}   a1 = {np.round(a1, 6).tolist()}")
@@ -431,7 +450,8 @@ def problem1():
     print("  dz1/dW1[i] (= e_i x^T) for i = 1..3:")
     for i in range(3):
         print(f"    i={i + 1}: {dz1_dW1[i].tolist()}")
-    print(f"  dJ/dW1     = {np.round(dJ_dW1, 6).tolist()}   (shape {dJ_dW1.shape}, same as W1)")
+    print(f"  dJ/da1     = {np.round(dJ_da1, 6).tolist()}   dJ/dz1 = {np.round(delta1, 6).tolist()}")
+    print(f"  dJ/dW1     = (dJ/dz1)^T x^T = {np.round(dJ_dW1, 6).tolist()}   (shape {dJ_dW1.shape}, same as W1)")
 
     return {
         "z1": z1.tolist(),
@@ -444,6 +464,8 @@ def problem1():
         "dz2_da1": dz2_da1.tolist(),
         "da1_dz1": da1_dz1.tolist(),
         "dz1_dW1": dz1_dW1.tolist(),
+        "dJ_da1": dJ_da1.tolist(),
+        "dJ_dz1": delta1.tolist(),
         "dJ_dW1": dJ_dW1.tolist(),
     }
 
@@ -457,49 +479,40 @@ if RUN:
 #
 # ### Problem 2.1 — output size of a 5×5, stride-2, unpadded convolution on 64×64
 #
-# A $K$-wide window with stride $S$ fits $\lfloor (N + 2P - K)/S \rfloor + 1$ times along an
-# axis of length $N$ (the last partial step is dropped):
-# $\lfloor (64 - 5)/2 \rfloor + 1 = \lfloor 29.5 \rfloor + 1 = \mathbf{30}$, so the output is
-# **30 × 30** per output channel.
+# **30 × 30** per output channel: a $K$-wide window with stride $S$ fits
+# $\lfloor (N + 2P - K)/S \rfloor + 1$ times along an axis of length $N$ (the last partial step
+# is dropped), and $\lfloor (64 - 5)/2 \rfloor + 1 = \lfloor 29.5 \rfloor + 1 = 30$.
 #
 # ### Problem 2.2 — general formula
 #
-# $$C\times H\times W \;\longrightarrow\; F \times \Big(\Big\lfloor\frac{H + 2P - K}{S}\Big\rfloor + 1\Big)\times\Big(\Big\lfloor\frac{W + 2P - K}{S}\Big\rfloor + 1\Big)$$
+# $$\boxed{C\times H\times W \;\longrightarrow\; F \times \Big(\Big\lfloor\frac{H + 2P - K}{S}\Big\rfloor + 1\Big)\times\Big(\Big\lfloor\frac{W + 2P - K}{S}\Big\rfloor + 1\Big)}$$
 #
 # The input channel count $C$ disappears: each of the $F$ filters spans all $C$ input channels
 # and sums over them, producing one output channel.
 #
 # ### Problem 2.3 — a batch of 100 images 3×64×64, conv with 2 filters, 5×5, stride 2, no padding
 #
-# * **(a)** weights: one $3\times5\times5$ filter per output channel →
-#   **$2\times3\times5\times5$** (75 weights per filter, 150 in total), plus a bias of
-#   shape **$(2,)$**, one per output channel.
-# * **(b)** output: the spatial size is 30 × 30 (2.1), channels = number of filters, batch is
-#   unchanged → **$100\times2\times30\times30$**.
-# * **(c)** a linear layer sees each image's feature map flattened:
-#   $2\cdot30\cdot30 = $ **1800** input features (its weight is $\text{out}\times1800$, e.g.
-#   $1\times1800$ for a single pedestrian logit).
+# * **(a) weights $2\times3\times5\times5$, bias $(2,)$**: one $3\times5\times5$ filter per output
+#   channel (75 weights each, 150 in total), one bias per output channel.
+# * **(b) output $100\times2\times30\times30$**: the spatial size is 30 × 30 (2.1),
+#   channels = number of filters, the batch is unchanged.
+# * **(c) 1800 input features**: a linear layer sees each image's feature map flattened,
+#   $2\cdot30\cdot30 = 1800$ (its weight is $\text{out}\times1800$, e.g. $1\times1800$ for a
+#   single pedestrian logit).
 #
 # ### Problem 2.4 — purpose of batch normalization
 #
-# A BatchNorm layer normalises each **channel** of its input using statistics over the
-# mini-batch (for a conv feature map: over the batch and both spatial axes,
-# $N\cdot H\cdot W$ values per channel):
-# $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, then applies a learned per-channel
-# scale and shift $y = \gamma\hat x + \beta$ (so the layer can undo the normalisation if that
-# is what the network needs).
+# **It normalises each channel to zero mean and unit variance over the mini-batch, then applies a
+# learned scale and shift, which keeps every layer's inputs at a stable scale: training tolerates
+# much larger learning rates, converges faster, depends less on initialisation, and the batch
+# noise regularises mildly.**
 #
-# * **Training vs. inference.** In training mode it uses the current batch's mean/variance
-#   and updates exponential running averages of them; in eval mode it uses those running
-#   averages, so a prediction does not depend on the other images in the batch (and works
-#   with batch size 1).
-# * **Why it helps.** It keeps every layer's inputs at a stable scale while the weights
-#   below keep changing ("internal covariate shift"); empirically this smooths the loss
-#   landscape, which allows much larger learning rates, makes training less sensitive to
-#   initialisation, speeds up convergence, and the batch-dependent noise acts as a mild
-#   regulariser.
-#
-# The demo in the cell below checks the train/eval behaviour on data with mean 5 and std 3.
+# For a conv feature map the statistics are over the batch and both spatial axes:
+# $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, $y = \gamma\hat x + \beta$ (so the layer can
+# undo the normalisation if the network needs that). Training mode uses the batch's statistics
+# and updates running averages of them; eval mode uses the running averages, so a prediction
+# does not depend on the rest of the batch. The cell below checks both modes on data with mean 5
+# and std 3.
 
 # %%
 def p2_conv_output_size(n, kernel, stride=1, padding=0):
