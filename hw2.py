@@ -26,6 +26,7 @@
 # | preset | where | model | time | accuracy (5k held out of the JPEG train copy, TTA) |
 # |---|---|---|---|---|
 # | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 30 epochs | 29 s on an H200; ≈ 4–6 min estimated on a T4 | 0.934 |
+# | `fast` | GPU, time-to-94 % | same family, 64/256/256 channels, 8 epochs (provisional: not yet tuned on a card) | ≈ ¼ of `full`'s FLOPs | not yet measured |
 # | `quick` (default on CPU) | 2-core CPU | same family, 16/64/128 channels, 8 epochs | ≈ 4.5 min for the whole script | see `BENCHMARKS.md` |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
 #
@@ -39,13 +40,16 @@
 # python hw2.py                                   # everything, preset by hardware
 # python hw2.py --answers-only --output-dir out   # Problems 1-3 only -> out/answers.json
 # python hw2.py --preset quick --data-dir D --test-npy T --output-dir O
+# python hw2.py --preset fast --deterministic     # time-to-94 % recipe, bit-exact reruns
 # ```
 
 # %%
 import argparse
 import contextlib
 import difflib
+import gc
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -119,7 +123,7 @@ if RUN and IN_NOTEBOOK:
 
 # %%
 PRESETS = {
-    # Leaderboard recipe for a Kaggle T4 (fp16, ~7.5 PFLOP of training).
+    # Leaderboard recipe for a Kaggle T4 (fp16; training FLOPs are counted in code: flops_per_image).
     "full": dict(
         widths=(128, 512, 512),   # channels of the three residual groups
         residual=(True, True, True),  # a residual block in each group
@@ -135,6 +139,25 @@ PRESETS = {
         whiten_bias_epochs=3,     # the whitening layer's bias trains, then freezes
         warmup=0.1,               # fraction of steps
         tta=2,                    # 0 none, 1 mirror, 2 mirror + 1-pixel translations
+    ),
+    # Time-to-94 % recipe (airbench94 class). PROVISIONAL: chosen by reasoning, not yet tuned on a
+    # card (tools/device_check.sh measures it): airbench94's widths, schedule and augmentation,
+    # but our 3-conv residual groups (≈1.6× airbench94's FLOPs per image), so fewer epochs.
+    "fast": dict(
+        widths=(64, 256, 256),    # airbench94's widths: ~4× fewer FLOPs per image than full
+        residual=(True, True, True),
+        epochs=8,                 # airbench94 runs 9.9 epochs of a 2-conv net; ours is deeper
+        batch_size=1024,
+        lr=11.5,                  # airbench94's value, per 1024 examples
+        momentum=0.85,
+        wd=0.0153,                # airbench94's value, per 1024 examples
+        bias_lr_scale=64.0,
+        label_smoothing=0.2,
+        translate=2,              # short runs can't use heavy augmentation (quick sweep: same)
+        cutout=0,
+        whiten_bias_epochs=3,
+        warmup=0.23,              # airbench94's warm-up fraction: short runs want a longer one
+        tta=2,
     ),
     # CPU preset: the same family, narrow enough for two cores; whole run <= 6 min.
     "quick": dict(
@@ -176,6 +199,16 @@ def _env_int(name, default=None):
         raise HW2Error(f"environment variable HW2_{name.upper()}={value!r}: expected an integer") from None
 
 
+def _env_float(name, default=None):
+    value = _env_flag(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise HW2Error(f"environment variable HW2_{name.upper()}={value!r}: expected a number") from None
+
+
 def _env_choice(name, choices, default=None):
     value = _env_flag(name, default)
     if value is not None and value not in choices:
@@ -213,6 +246,13 @@ def build_parser():
                    help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 needs sm_80+")
     p.add_argument("--compile", action="store_true", default=_truthy(_env_flag("compile"), "compile"),
                    help="torch.compile the model (sm_70+ only; off by default)")
+    p.add_argument("--deterministic", action="store_true",
+                   default=_truthy(_env_flag("deterministic"), "deterministic"),
+                   help="deterministic GPU kernels (no cuDNN autotuning): same seed + same GPU + same "
+                        "torch => byte-identical submission.csv; CPU runs are always deterministic")
+    p.add_argument("--checkpoint-every", type=float, default=_env_float("checkpoint_every", 60.0),
+                   metavar="SECONDS", help="write checkpoint.pt at the first epoch end this long after "
+                                           "the last one (0: every epoch) and after the last epoch")
     p.add_argument("--data-dir", default=_env_flag("data_dir"),
                    help="folder holding cifar-10-batches-py (or that folder itself)")
     p.add_argument("--test-npy", default=_env_flag("test_npy"),
@@ -260,6 +300,8 @@ def parse_config(argv=None):
         raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
     if cfg.val_size is not None and int(cfg.val_size) < 0:
         raise HW2Error(f"--val-size {cfg.val_size}: must be 0 or more")
+    if not cfg.checkpoint_every >= 0:  # also rejects nan
+        raise HW2Error(f"--checkpoint-every {cfg.checkpoint_every}: must be 0 or more seconds")
     if cfg.resume and cfg.predict_only:
         raise HW2Error("--resume and --predict-only exclude each other")
     cfg.seed = int(cfg.seed)
@@ -270,6 +312,17 @@ def parse_config(argv=None):
 
 def on_kaggle():
     return os.path.isdir(os.path.join(KAGGLE_ROOT, "working"))
+
+
+def configure_determinism(deterministic):
+    """Same seed, same GPU, same torch => same bytes. Call before CUDA is first used."""
+    if deterministic:
+        # cuBLAS picks its workspace (and so its reduction order) when its handle is made
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)  # raises on an op without a deterministic kernel
+    torch.backends.cudnn.deterministic = deterministic
+    # autotuning times candidate kernels and keeps the fastest: the winner can change run to run
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 _CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
@@ -343,6 +396,7 @@ def write_json(path, obj):
 if RUN:
     CFG = parse_config()
     CFG.output_dir = prepare_output_dir(CFG.output_dir)
+    configure_determinism(CFG.deterministic)
     T_START = time.time()
     print(f"hw2 | python {platform.python_version()} | torch {torch.__version__} | "
           f"output -> {CFG.output_dir}")
@@ -353,50 +407,54 @@ if RUN:
 # One example ($m = 1$), so $J = -L = -\big[y\log\hat p + (1-y)\log(1-\hat p)\big]$.
 # Every number below is computed in the code cell that follows (float64) and every
 # derivative is computed twice: from the closed form written here, and by
-# `torch.autograd` (float64); the cell raises if the two disagree.
+# `torch.autograd` (float64); the cell raises if the two disagree. Gradients with respect to a
+# vector are written as rows (numerator layout), as the question's $\partial z_2/\partial a_1$ suggests.
 #
 # ### Problem 1.1 — prediction $\hat p$
+#
+# $$\boxed{\hat p = \sigma(z_2) = \sigma(2.036) \approx 0.8845}$$
 #
 # $$z_1 = W_1x + b_1 = \begin{bmatrix}-0.2\cdot1.5 + 0.1\cdot(-0.8) + 1.2\\ 0.5\cdot1.5 + 0.3\cdot(-0.8) + 0\\ 0.35\cdot1.5 + 0.4\cdot(-0.8) - 0.7\end{bmatrix}
 #   = \begin{bmatrix}0.82\\0.51\\-0.495\end{bmatrix},\qquad
 #   a_1 = \mathrm{ReLU}(z_1) = \begin{bmatrix}0.82\\0.51\\0\end{bmatrix}$$
 #
 # $$z_2 = W_2a_1 + b_2 = 1.5\cdot0.82 + 0.6\cdot0.51 - 0.4\cdot0 + 0.5 = 2.036,\qquad
-#   \hat p = \sigma(2.036) = \frac{1}{1+e^{-2.036}} \approx \mathbf{0.8845}$$
+#   \hat p = \frac{1}{1+e^{-2.036}} \approx 0.8845$$
 #
 # (The loss is $J = -\log(1-\hat p) \approx 2.159$: a confident wrong prediction, since $y = 0$.)
 #
 # ### Problem 1.2 — $\partial J/\partial \hat p$
 #
+# $$\boxed{\frac{\partial J}{\partial \hat p} = \frac{1}{1-\hat p} \approx 8.660}$$
+#
 # $$\frac{\partial J}{\partial \hat p} = -\frac1m\Big[\frac{y}{\hat p} - \frac{1-y}{1-\hat p}\Big]
 #   \overset{m=1}{=} \frac{\hat p - y}{\hat p(1-\hat p)}
-#   \overset{y=0}{=} \frac{1}{1-\hat p} \approx \mathbf{8.660}$$
+#   \overset{y=0}{=} \frac{1}{1-\hat p}$$
 #
 # ### Problem 1.3 — $\partial \hat p/\partial z_2$
 #
-# $$\frac{\partial \hat p}{\partial z_2} = \sigma'(z_2) = \sigma(z_2)\big(1-\sigma(z_2)\big) = \hat p(1-\hat p) \approx \mathbf{0.1021}$$
+# $$\boxed{\frac{\partial \hat p}{\partial z_2} = \sigma'(z_2) = \sigma(z_2)\big(1-\sigma(z_2)\big) = \hat p(1-\hat p) \approx 0.1021}$$
 #
 # (So $\partial J/\partial z_2 = \hat p - y \approx 0.8845$: the two denominators cancel.)
 #
 # ### Problem 1.4 — $\partial z_2/\partial a_1$
 #
-# $$\frac{\partial z_2}{\partial a_1} = W_2 = \begin{bmatrix}1.5 & 0.6 & -0.4\end{bmatrix}\quad(1\times3)$$
+# $$\boxed{\frac{\partial z_2}{\partial a_1} = W_2 = \begin{bmatrix}1.5 & 0.6 & -0.4\end{bmatrix}}\quad(1\times3)$$
 #
 # ### Problem 1.5 — $\partial a_1/\partial z_1$
 #
-# ReLU acts elementwise, so its Jacobian is diagonal with the ReLU slope on the diagonal:
+# $$\boxed{\frac{\partial a_1}{\partial z_1} = \mathrm{diag}\big(\mathbb 1[z_1>0]\big) = \begin{bmatrix}1&0&0\\0&1&0\\0&0&0\end{bmatrix}}\quad(3\times3)$$
 #
-# $$\frac{\partial a_1}{\partial z_1} = \mathrm{diag}\big(\mathbb 1[z_1>0]\big) = \begin{bmatrix}1&0&0\\0&1&0\\0&0&0\end{bmatrix}\quad(3\times3)$$
-#
-# ($z_{1,3} = -0.495 < 0$, so the third unit is dead for this input and passes no gradient.)
+# ReLU acts elementwise, so its Jacobian is diagonal with the ReLU slope on the diagonal;
+# $z_{1,3} = -0.495 < 0$, so the third unit is dead for this input and passes no gradient.
 #
 # ### Problem 1.6 — $\partial z_1/\partial W_1$
 #
-# $z_{1,i} = \sum_k W_{1,ik}x_k + b_{1,i}$ depends only on row $i$ of $W_1$, so the
-# derivative is a $3\times3\times2$ tensor
+# $$\boxed{\frac{\partial z_{1,i}}{\partial W_{1,jk}} = \delta_{ij}\,x_k}\quad(3\times3\times2)$$
 #
-# $$\frac{\partial z_{1,i}}{\partial W_{1,jk}} = \delta_{ij}\,x_k ,\qquad
-#   \text{i.e. } \frac{\partial z_{1,i}}{\partial W_1} = e_i\,x^\top
+# $z_{1,i} = \sum_k W_{1,ik}x_k + b_{1,i}$ depends only on row $i$ of $W_1$, so
+#
+# $$\frac{\partial z_{1,i}}{\partial W_1} = e_i\,x^\top
 #   \;\Rightarrow\;
 #   \frac{\partial z_{1,1}}{\partial W_1} = \begin{bmatrix}1.5&-0.8\\0&0\\0&0\end{bmatrix},\;
 #   \frac{\partial z_{1,2}}{\partial W_1} = \begin{bmatrix}0&0\\1.5&-0.8\\0&0\end{bmatrix},\;
@@ -404,13 +462,22 @@ if RUN:
 #
 # ### Problem 1.7 — $\partial J/\partial W_1$
 #
-# Chain the pieces: $\frac{\partial J}{\partial z_1} = \frac{\partial J}{\partial \hat p}\,\frac{\partial \hat p}{\partial z_2}\,\frac{\partial z_2}{\partial a_1}\,\frac{\partial a_1}{\partial z_1}$
-# is a $1\times3$ row; contracting it with the $3\times3\times2$ tensor of 1.6 over $i$ gives a
-# $3\times2$ matrix, the **same shape as $W_1$**:
+# $$\boxed{\frac{\partial J}{\partial W_1} = \Big(\frac{\partial J}{\partial z_1}\Big)^{\!\top} x^\top \approx \begin{bmatrix}1.9902 & -1.0614\\ 0.7961 & -0.4246\\ 0 & 0\end{bmatrix}}\quad(3\times2,\ \text{the shape of } W_1)$$
+#
+# Chain the pieces of 1.2–1.5 into $1\times3$ rows:
+#
+# $$\frac{\partial J}{\partial a_1} = \frac{\partial J}{\partial \hat p}\,\frac{\partial \hat p}{\partial z_2}\,\frac{\partial z_2}{\partial a_1} = (\hat p - y)\,W_2
+#   \approx \begin{bmatrix}1.3268 & 0.5307 & -0.3538\end{bmatrix},\qquad
+#   \frac{\partial J}{\partial z_1} = \frac{\partial J}{\partial a_1}\,\frac{\partial a_1}{\partial z_1}
+#   \approx \begin{bmatrix}1.3268 & 0.5307 & 0\end{bmatrix}$$
+#
+# Contracting the row $\partial J/\partial z_1$ with the $3\times3\times2$ tensor of 1.6 over $i$ gives
+# $\frac{\partial J}{\partial W_{1,jk}} = \sum_i \frac{\partial J}{\partial z_{1,i}}\,\delta_{ij}\,x_k = \frac{\partial J}{\partial z_{1,j}}\,x_k$,
+# the outer product of the column $(\partial J/\partial z_1)^\top$ with the row $x^\top$:
 #
 # $$\frac{\partial J}{\partial W_1}
-#   = \underbrace{\Big[\big(W_2^\top(\hat p - y)\big)\odot \mathbb 1[z_1>0]\Big]}_{3\times1}\;\underbrace{x^\top}_{1\times2}
-#   = 0.8845\begin{bmatrix}1.5\\0.6\\0\end{bmatrix}\begin{bmatrix}1.5 & -0.8\end{bmatrix}
+#   = \underbrace{\Big(\frac{\partial J}{\partial z_1}\Big)^{\!\top}}_{3\times1}\;\underbrace{x^\top}_{1\times2}
+#   = \begin{bmatrix}1.3268\\0.5307\\0\end{bmatrix}\begin{bmatrix}1.5 & -0.8\end{bmatrix}
 #   \approx \begin{bmatrix}1.9902 & -1.0614\\ 0.7961 & -0.4246\\ 0 & 0\end{bmatrix}$$
 
 # %%
@@ -440,8 +507,9 @@ def problem1():
 
     # ---- 1.7 the compact backprop formula ----
     delta2 = p_hat - y                                   # dJ/dz2: sigmoid+BCE denominators cancel
-    delta1 = (W2[0] * delta2) * (z1 > 0)                 # dJ/dz1, shape (3,)
-    dJ_dW1 = np.outer(delta1, x) + 0.0                   # (3, 2), same shape as W1; +0.0 drops -0.0
+    dJ_da1 = W2[0] * delta2                              # (3,): the row dJ/da1, for partial credit
+    delta1 = dJ_da1 * (z1 > 0) + 0.0                     # dJ/dz1, shape (3,); +0.0 drops -0.0
+    dJ_dW1 = np.outer(delta1, x) + 0.0                   # (dJ/dz1)^T x^T: (3,1)(1,2) -> (3,2) like W1
     # ...and the same thing as an explicit product of the Jacobians above, to show the
     # shapes compose: (1x1)(1x1)(1x3)(3x3) -> 1x3 row, contracted with the 3x3x2 tensor.
     dJ_dz1_row = dJ_dp_hat * dp_hat_dz2 * (dz2_da1 @ da1_dz1)
@@ -455,6 +523,8 @@ def problem1():
     W1_t.requires_grad_(True)
     z1_t = W1_t @ x_t + b1_t
     a1_t = torch.relu(z1_t)
+    z1_t.retain_grad()
+    a1_t.retain_grad()
     z2_t = W2_t @ a1_t + b2_t
     p_t = torch.sigmoid(z2_t)
     J_t = -(y * torch.log(p_t) + (1 - y) * torch.log(1 - p_t)).mean()
@@ -468,10 +538,13 @@ def problem1():
         "dz2_da1": jac(lambda a: W2_t.detach() @ a + b2_t, t(a1)).numpy(),        # (1, 3)
         "da1_dz1": jac(torch.relu, t(z1)).numpy(),                                 # (3, 3)
         "dz1_dW1": jac(lambda W: W @ x_t + b1_t, t(W1)).numpy(),                   # (3, 3, 2)
+        "dJ_da1": a1_t.grad.numpy(),
+        "dJ_dz1": z1_t.grad.numpy(),
         "dJ_dW1": W1_t.grad.numpy(),
     }
     hand = {"p_hat": p_hat, "dJ_dp_hat": dJ_dp_hat, "dp_hat_dz2": dp_hat_dz2,
-            "dz2_da1": dz2_da1, "da1_dz1": da1_dz1, "dz1_dW1": dz1_dW1, "dJ_dW1": dJ_dW1}
+            "dz2_da1": dz2_da1, "da1_dz1": da1_dz1, "dz1_dW1": dz1_dW1,
+            "dJ_da1": dJ_da1, "dJ_dz1": delta1, "dJ_dW1": dJ_dW1}
 
     print("Problem 1 (float64, m = 1)")
     print(f"  z1 = {np.round(z1, 6).tolist()}   a1 = {np.round(a1, 6).tolist()}")
@@ -494,7 +567,8 @@ def problem1():
     print("  dz1/dW1[i] (= e_i x^T) for i = 1..3:")
     for i in range(3):
         print(f"    i={i + 1}: {dz1_dW1[i].tolist()}")
-    print(f"  dJ/dW1     = {np.round(dJ_dW1, 6).tolist()}   (shape {dJ_dW1.shape}, same as W1)")
+    print(f"  dJ/da1     = {np.round(dJ_da1, 6).tolist()}   dJ/dz1 = {np.round(delta1, 6).tolist()}")
+    print(f"  dJ/dW1     = (dJ/dz1)^T x^T = {np.round(dJ_dW1, 6).tolist()}   (shape {dJ_dW1.shape}, same as W1)")
 
     return {
         "z1": z1.tolist(),
@@ -507,6 +581,8 @@ def problem1():
         "dz2_da1": dz2_da1.tolist(),
         "da1_dz1": da1_dz1.tolist(),
         "dz1_dW1": dz1_dW1.tolist(),
+        "dJ_da1": dJ_da1.tolist(),
+        "dJ_dz1": delta1.tolist(),
         "dJ_dW1": dJ_dW1.tolist(),
     }
 
@@ -520,49 +596,40 @@ if RUN:
 #
 # ### Problem 2.1 — output size of a 5×5, stride-2, unpadded convolution on 64×64
 #
-# A $K$-wide window with stride $S$ fits $\lfloor (N + 2P - K)/S \rfloor + 1$ times along an
-# axis of length $N$ (the last partial step is dropped):
-# $\lfloor (64 - 5)/2 \rfloor + 1 = \lfloor 29.5 \rfloor + 1 = \mathbf{30}$, so the output is
-# **30 × 30** per output channel.
+# **30 × 30** per output channel: a $K$-wide window with stride $S$ fits
+# $\lfloor (N + 2P - K)/S \rfloor + 1$ times along an axis of length $N$ (the last partial step
+# is dropped), and $\lfloor (64 - 5)/2 \rfloor + 1 = \lfloor 29.5 \rfloor + 1 = 30$.
 #
 # ### Problem 2.2 — general formula
 #
-# $$C\times H\times W \;\longrightarrow\; F \times \Big(\Big\lfloor\frac{H + 2P - K}{S}\Big\rfloor + 1\Big)\times\Big(\Big\lfloor\frac{W + 2P - K}{S}\Big\rfloor + 1\Big)$$
+# $$\boxed{C\times H\times W \;\longrightarrow\; F \times \Big(\Big\lfloor\frac{H + 2P - K}{S}\Big\rfloor + 1\Big)\times\Big(\Big\lfloor\frac{W + 2P - K}{S}\Big\rfloor + 1\Big)}$$
 #
 # The input channel count $C$ disappears: each of the $F$ filters spans all $C$ input channels
 # and sums over them, producing one output channel.
 #
 # ### Problem 2.3 — a batch of 100 images 3×64×64, conv with 2 filters, 5×5, stride 2, no padding
 #
-# * **(a)** weights: one $3\times5\times5$ filter per output channel →
-#   **$2\times3\times5\times5$** (75 weights per filter, 150 in total), plus a bias of
-#   shape **$(2,)$**, one per output channel.
-# * **(b)** output: the spatial size is 30 × 30 (2.1), channels = number of filters, batch is
-#   unchanged → **$100\times2\times30\times30$**.
-# * **(c)** a linear layer sees each image's feature map flattened:
-#   $2\cdot30\cdot30 = $ **1800** input features (its weight is $\text{out}\times1800$, e.g.
-#   $1\times1800$ for a single pedestrian logit).
+# * **(a) weights $2\times3\times5\times5$, bias $(2,)$**: one $3\times5\times5$ filter per output
+#   channel (75 weights each, 150 in total), one bias per output channel.
+# * **(b) output $100\times2\times30\times30$**: the spatial size is 30 × 30 (2.1),
+#   channels = number of filters, the batch is unchanged.
+# * **(c) 1800 input features**: a linear layer sees each image's feature map flattened,
+#   $2\cdot30\cdot30 = 1800$ (its weight is $\text{out}\times1800$, e.g. $1\times1800$ for a
+#   single pedestrian logit).
 #
 # ### Problem 2.4 — purpose of batch normalization
 #
-# A BatchNorm layer normalises each **channel** of its input using statistics over the
-# mini-batch (for a conv feature map: over the batch and both spatial axes,
-# $N\cdot H\cdot W$ values per channel):
-# $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, then applies a learned per-channel
-# scale and shift $y = \gamma\hat x + \beta$ (so the layer can undo the normalisation if that
-# is what the network needs).
+# **It normalises each channel to zero mean and unit variance over the mini-batch, then applies a
+# learned scale and shift, which keeps every layer's inputs at a stable scale: training tolerates
+# much larger learning rates, converges faster, depends less on initialisation, and the batch
+# noise regularises mildly.**
 #
-# * **Training vs. inference.** In training mode it uses the current batch's mean/variance
-#   and updates exponential running averages of them; in eval mode it uses those running
-#   averages, so a prediction does not depend on the other images in the batch (and works
-#   with batch size 1).
-# * **Why it helps.** It keeps every layer's inputs at a stable scale while the weights
-#   below keep changing ("internal covariate shift"); empirically this smooths the loss
-#   landscape, which allows much larger learning rates, makes training less sensitive to
-#   initialisation, speeds up convergence, and the batch-dependent noise acts as a mild
-#   regulariser.
-#
-# The demo in the cell below checks the train/eval behaviour on data with mean 5 and std 3.
+# For a conv feature map the statistics are over the batch and both spatial axes:
+# $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, $y = \gamma\hat x + \beta$ (so the layer can
+# undo the normalisation if the network needs that). Training mode uses the batch's statistics
+# and updates running averages of them; eval mode uses the running averages, so a prediction
+# does not depend on the rest of the batch. The cell below checks both modes on data with mean 5
+# and std 3.
 
 # %%
 def p2_conv_output_size(n, kernel, stride=1, padding=0):
@@ -678,33 +745,54 @@ if RUN:
 #
 # ### Problem 3.1 — purpose of the positional embedding
 #
-# Self-attention is permutation-equivariant: it treats its input as a *set*. Each output
-# is a weighted sum over all positions with weights from content similarity only, so
-# shuffling the input tokens just shuffles the outputs, and "dog bites man" and "man bites
-# dog" would look the same. The positional embedding (a learned vector per position, or the
-# fixed sinusoids of the original paper) is added to the token embedding so that each
-# vector also carries *where* the token is; attention can then use absolute and relative
-# order (adjacency, word order, distance). With sinusoids, relative offsets are linear
-# functions of the encoding, which makes relative attention easy to learn.
+# **Self-attention is permutation-equivariant (it treats its input as a set), so without a
+# positional embedding the model cannot see word order; adding a position vector to each token
+# embedding tells attention where every token is.**
+#
+# Shuffling the input tokens would only shuffle the outputs, so "dog bites man" and "man bites
+# dog" would look the same. With the position added (a learned vector per position, or the
+# fixed sinusoids of the original paper, under which relative offsets are linear functions of
+# the encoding), attention can use absolute and relative order.
 #
 # ### Problem 3.2 — why attention is scaled by $1/\sqrt{d_k}$
 #
-# If the components of $q$ and $k$ are independent with mean 0 and variance 1, then
-# $q\cdot k = \sum_{i=1}^{d_k} q_ik_i$ is a sum of $d_k$ independent terms of variance 1, so
-# $\mathrm{Var}(q\cdot k) = d_k$ and the logits have standard deviation $\sqrt{d_k}$. For large
-# $d_k$ the logits fed to the softmax are therefore large, the softmax **saturates** (almost
-# one-hot), and its Jacobian $\mathrm{diag}(p) - pp^\top$ is nearly zero, so almost no gradient
-# reaches $Q$ and $K$ and learning stalls. Dividing by $\sqrt{d_k}$ brings the logits back to
-# unit variance whatever $d_k$ is: $\mathrm{softmax}(QK^\top/\sqrt{d_k})V$.
-# `problem3()` checks this numerically with random unit-variance $q, k$ and 64 keys per
-# query: the sample variance of $q\cdot k$ tracks $d_k$, and without scaling the mean largest
-# softmax probability climbs towards 1 while the (median) norm of the softmax Jacobian
-# collapses by three orders of magnitude at $d_k = 1024$. With the scaling, both stay flat in $d_k$.
+# **Because $\mathrm{Var}(q\cdot k) = d_k$: unscaled logits grow like $\sqrt{d_k}$, saturate the
+# softmax and kill its gradient; dividing by $\sqrt{d_k}$ restores unit variance for any $d_k$.**
+#
+# If the components of $q$ and $k$ are independent with mean 0 and variance 1,
+# $q\cdot k = \sum_{i=1}^{d_k} q_ik_i$ is a sum of $d_k$ independent terms of variance 1. Large
+# logits make the softmax almost one-hot, and its Jacobian $\mathrm{diag}(p) - pp^\top$ is then
+# nearly zero, so almost no gradient reaches $Q$ and $K$. Hence
+# $\mathrm{softmax}(QK^\top/\sqrt{d_k})V$. In this problem's model $d_k = 64/8 = 8$ per head.
+# Computed below with random unit-variance $q, k$, 64 keys per query (mean largest softmax
+# probability and median Frobenius norm of the softmax Jacobian over 256 queries):
+#
+# <!-- generated: 3.2 -->
+# | d_k | Var(q·k) | max p, unscaled | median ‖J‖, unscaled | max p, scaled | median ‖J‖, scaled |
+# |---:|---:|---:|---:|---:|---:|
+# | 4 | 3.9 | 0.358 | 2.67e-01 | 0.133 | 1.77e-01 |
+# | 16 | 16.2 | 0.544 | 3.24e-01 | 0.096 | 1.72e-01 |
+# | 64 | 64.1 | 0.783 | 2.11e-01 | 0.104 | 1.80e-01 |
+# | 256 | 258.9 | 0.906 | 1.66e-02 | 0.108 | 1.79e-01 |
+# | 1024 | 1011.6 | 0.954 | 1.47e-04 | 0.108 | 1.81e-01 |
+# <!-- end generated -->
 #
 # ### Problem 3.3 — number of parameters
 #
-# Assumptions (the question leaves these open; each is checked against real PyTorch
-# modules below):
+# <!-- generated: 3.3 -->
+# **832,480 parameters** for the model as specified below (`nn.Transformer`-style). Other conventions an answer key may use:
+#
+# | convention | assumptions | parameters |
+# |---|---|---:|
+# | as specified below | learned positions, final LayerNorms, untied output layer with bias | **832,480** |
+# | paper-style | Vaswani et al.: output projection tied to the token embedding (no output bias), sinusoidal positions (0 parameters), no final LayerNorms; biases and per-layer LayerNorms kept | 539,456 |
+# | paper-style + output bias | as paper-style, plus a bias on the (tied) output projection | 543,456 |
+# | weights only | as paper-style, counting weight matrices only: no biases, no LayerNorm parameters | 534,528 |
+# | as specified, tied head | output layer shares the embedding matrix, keeps its bias | 576,480 |
+# <!-- end generated -->
+#
+# The model as specified (each assumption is checked against real PyTorch modules below):
+#
 # 1. one token-embedding table $V\times d$ shared by encoder and decoder inputs ("shared vocabulary");
 # 2. a **learned** positional embedding $L_{max}\times d = 512\times64$, shared by encoder and decoder;
 # 3. standard post-LN layers exactly as `nn.Transformer`: biases in every linear layer
@@ -729,20 +817,48 @@ if RUN:
 # | output projection | $dV + V$ | 260,000 |
 # | **total** | $Vd + L_{max}d + 3\cdot\text{enc} + 2\cdot\text{dec} + 4d + dV + V$ | **832,480** |
 #
-# Asides: tying the output projection to the embedding (keeping its bias) gives 576,480;
-# fixed sinusoidal positions would remove the 32,768 positional parameters.
+# The other conventions use the same formula with switches: paper-style
+# $= Vd + 3\cdot\text{enc} + 2\cdot\text{dec}$; weights only drops every $+d$, $+d_{ff}$ bias
+# and the LayerNorms ($\text{enc} = 4d^2 + 2dd_{ff}$, $\text{dec} = 8d^2 + 2dd_{ff}$).
 #
 # ### Problem 3.4 — memory for one SGD step, batch 16
 #
-# Setting: batch $B = 16$, source and target length $L = 512$ (the maximum), fp32 (4 bytes),
-# **dropout = 0** (stated so the count is exact; see the note at the end), plain SGD.
+# <!-- generated: 3.4 -->
+# **Peak ≈ 1.42 GiB** (1,523,838,856 bytes measured; the closed form below gives 1.40 GiB) with dropout 0; **≈ 3.27 GiB** with `nn.Transformer`'s default dropout 0.1.
 #
-# $$\text{memory} = \underbrace{4P}_{\text{parameters}} + \underbrace{4P}_{\text{gradients}} + \underbrace{0}_{\text{SGD state}} + \text{activations saved for backward}$$
+# | bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |
+# |---|---:|---:|
+# | parameters | 3,329,920 | |
+# | gradients (plain SGD: no optimizer state) | 3,329,920 | |
+# | activations saved for backward | 1,233,199,104 | 1,258,364,932 |
+# | parameters + gradients + saved activations | 1,239,858,944 | |
+# | gradients of the log-softmax output and of the logits | 262,144,000 | |
+# | **peak of the step** (parameters + saved activations + those two gradients) | 1,498,673,024 (1.40 GiB) | **1,523,838,856 (1.42 GiB)** |
+# | dropout 0.1: activations saved for backward | 3,221,299,200 | 3,246,465,028 |
+# | **dropout 0.1: peak of the step** | 3,486,773,120 (3.25 GiB) | **3,511,938,952 (3.27 GiB)** |
+# | aside, fused attention (PyTorch's default): activations | 295,510,016 | 295,510,020 |
+# <!-- end generated -->
 #
-# with $P = 832{,}480$, i.e. 3.33 MB each for parameters and gradients. Plain SGD keeps no
-# state; momentum would add another $4P$ (velocity) and Adam $8P$ (two moments), which is
-# negligible here. Activations dominate. With $N_s = BL_s$, $N_t = BL_t$ tokens and $h = 8$
-# heads, autograd saves (in floats):
+# **Setting.** Batch $B = 16$, source and target length $L = 512$ (the maximum), fp32 (4 bytes),
+# plain SGD, dropout 0 for the exact count (dropout 0.1 below), PyTorch's "math" attention,
+# which materialises the $L\times L$ attention probabilities.
+#
+# **Closed form.** The peak is reached at the start of backward: every activation saved for
+# backward is still alive, the loss has just produced the gradient of the log-softmax output,
+# and from it the gradient of the logits is being written:
+#
+# $$\text{peak} = \underbrace{4P}_{\text{parameters}} + \underbrace{A}_{\text{saved activations}}
+#   + \underbrace{2\cdot4\,N_tV}_{\partial J/\partial\,\text{log-softmax},\;\partial J/\partial\,\text{logits}}$$
+#
+# with $P = 832{,}480$ parameters and $N_t = BL_t = 8192$ target tokens. The parameter
+# gradients ($4P$) do not exist yet at that moment (`zero_grad(set_to_none=True)`); they are
+# created later in backward, while activations are being freed. Plain SGD keeps no state
+# (momentum would add $4P$, Adam $8P$: a few MB, negligible). The table also gives the simpler
+# budget $4P + 4P + A$ (parameters, gradients, activations), which misses the two
+# $N_t\times V$ gradients.
+#
+# **Saved activations $A$.** With $N_s = BL_s$, $N_t = BL_t$ tokens and $h = 8$ heads,
+# autograd saves (in floats):
 #
 # * per **encoder** layer: self-attention: inputs of the QKV and output linears $2N_sd$,
 #   Q, K, V $3N_sd$, attention probabilities $BhL_s^2$; FFN: input of the first linear
@@ -756,23 +872,47 @@ if RUN:
 #   and the cross-entropy's log-softmax output $N_tV$ (the logits themselves are not kept);
 # * int64 indices: source/target token ids and positions for the embedding lookups and the targets.
 #
-# Plugging in $N = 8192$: each probability map is $16\cdot8\cdot512\cdot512$ floats = 128 MiB,
-# seven of them (3 encoder self, 2 decoder self, 2 cross) make ~76 % of the total, and the
-# $8192\times4000$ log-probabilities another 125 MiB. Activations come to ≈ 1.23 GB and the
-# whole step to **≈ 1.24 GB (1.15 GiB)**, essentially all of it activations
-# (`problem3()` prints the exact byte counts).
+# Each probability map is $16\cdot8\cdot512\cdot512$ floats = 128 MiB; the seven of them
+# (3 encoder self, 2 decoder self, 2 cross) dominate $A$, followed by the $8192\times4000$
+# log-probabilities (125 MiB, the same size as each of the two gradients in the peak term).
 #
-# The cell below also **measures** one real step (forward, loss, backward and
-# `optimizer.step()`): every tensor autograd saves goes through a
-# `torch.autograd.graph.saved_tensors_hooks` pack hook, which records its storage (deduplicated
-# by the storage pointer, since views share storage; parameters' storages excluded because
-# they are counted separately). The estimate matches this attention implementation: PyTorch's
-# "math" attention backend, which materialises the $L\times L$ probabilities, so the
-# measurement forces that backend. On the CPU, PyTorch's default is a fused (flash-style)
-# kernel that never stores the probability matrix. Instead it keeps one log-sum-exp per
-# query row ($BhL$ floats per attention) and recomputes the probabilities in backward. The
-# same formula with that one term swapped is also printed and compared with a default-path
-# measurement.
+# **How it is measured.** The code cell below runs one real step (forward, loss, backward,
+# `optimizer.step()`) on the CPU and measures two things in that same step:
+#
+# * *saved activations*: every tensor autograd saves passes through a
+#   `torch.autograd.graph.saved_tensors_hooks` pack hook, which records its storage
+#   (deduplicated by the storage pointer, since views share storage; parameters excluded);
+# * *the peak*: `torch.profiler` with `profile_memory=True` records every allocation and free
+#   of PyTorch's CPU allocator during the step together with the allocator's running total;
+#   the peak is what was alive before the step (parameters and the batch) plus the highest
+#   total reached above that level. This is exact and does not depend on timing; it counts
+#   tensor memory, not the interpreter and libraries, which are not part of the step.
+#
+# **Estimate vs. measurement.** The measured peak is exactly the measured saved activations +
+# the parameters + the two $N_t\times V$ gradients (+ one 4-byte scalar), so the extra peak term
+# is right; the closed form is low only because $A$ is, by exactly 12 tensors of $N\cdot d$
+# floats (24 MiB). PyTorch's math attention splits the $1/\sqrt{d_k}$ between Q and K
+# (multiplying each by $d_k^{-1/4}$ before the matmul, for numerical range), so autograd keeps
+# those scaled copies *in addition to* the packed QKV buffer (which stays alive because V is a
+# view into it): +2 per self-attention and +1 per cross-attention (where the unscaled Q is not
+# kept). The measured activations also contain one 4-byte scalar (the cross-entropy's total
+# weight, i.e. the number of targets).
+#
+# **Dropout 0.1** (`nn.Transformer`'s default, what real training uses). On the CPU dropout is
+# $x\odot m/(1-p)$ and the multiply keeps the fp32 mask $m$. Dropout sits on the attention
+# probabilities ($BhL^2$ per attention), on every sublayer output (2 per encoder and 3 per
+# decoder layer, $N d$ each) and on the FFN hidden layer ($N d_{ff}$); the dropped-out
+# probabilities (read by $PV$) and the dropped-out FFN hidden layer (the second linear's
+# input) are new tensors that are kept too. The attention term alone triples, and the peak
+# becomes the dropout figure in the table; the byte count is the same for any $0 < p < 1$,
+# and again the closed form is low by the same 12 scaled Q/K copies.
+#
+# *Aside: fused attention.* PyTorch's default CPU attention is a fused (flash-style) kernel
+# that never stores the probability matrix: it keeps one log-sum-exp per query row ($BhL$
+# floats per attention) and recomputes the probabilities in backward. The same formula with
+# that one term swapped matches the measurement (last row of the table) up to the 4-byte
+# scalar; this is why long-sequence Transformers fit in memory in practice. Other torch
+# versions may pick different kernels; the notebook prints the numbers each run.
 
 # %%
 P3_CONFIG = {"vocab": 4000, "d_model": 64, "n_heads": 8, "d_ff": 256,
@@ -790,27 +930,69 @@ P3_ASSUMPTIONS = [
 ]
 
 
-def p3_param_formula(cfg=P3_CONFIG, tied=False):
-    """Parameter count per component from closed-form formulas (no torch involved)."""
+def p3_param_formula(cfg=P3_CONFIG, tied=False, learned_positions=True, final_norms=True,
+                     output_bias=True, biases=True, layer_norms=True):
+    """Parameter count per component from closed-form formulas (no torch involved).
+
+    The defaults describe the model built below (nn.Transformer-style); the switches give the
+    other conventions an answer key may use (see P3_VARIANTS).
+    """
     d, f, V, L = cfg["d_model"], cfg["d_ff"], cfg["vocab"], cfg["max_len"]
-    linear = lambda n_in, n_out: n_in * n_out + n_out
-    layer_norm = 2 * d
+    linear = lambda n_in, n_out: n_in * n_out + (n_out if biases else 0)
+    layer_norm = 2 * d if layer_norms else 0
     mha = linear(d, 3 * d) + linear(d, d)
     ffn = linear(d, f) + linear(f, d)
     counts = {
         "token_embedding": V * d,
-        "positional_embedding": L * d,
+        "positional_embedding": L * d if learned_positions else 0,
         "encoder_layer": mha + ffn + 2 * layer_norm,
         "decoder_layer": 2 * mha + ffn + 3 * layer_norm,
-        "final_layer_norms": 2 * layer_norm,
+        "final_layer_norms": 2 * layer_norm if final_norms else 0,
         # a tied head reuses the embedding matrix and only adds its bias
-        "output_projection": (0 if tied else d * V) + V,
+        "output_projection": (0 if tied else d * V) + (V if output_bias else 0),
     }
     counts["total"] = (counts["token_embedding"] + counts["positional_embedding"]
                        + cfg["n_enc"] * counts["encoder_layer"]
                        + cfg["n_dec"] * counts["decoder_layer"]
                        + counts["final_layer_norms"] + counts["output_projection"])
     return counts
+
+
+# Other counting conventions, each one line of assumptions + the switches of p3_param_formula.
+PAPER_STYLE = dict(tied=True, learned_positions=False, final_norms=False)
+P3_VARIANTS = {
+    "paper_style": (
+        "Vaswani et al.: output projection tied to the token embedding (no output bias), "
+        "sinusoidal positions (0 parameters), no final LayerNorms; biases and per-layer LayerNorms kept",
+        dict(PAPER_STYLE, output_bias=False)),
+    "paper_style_output_bias": (
+        "as paper-style, plus a bias on the (tied) output projection",
+        dict(PAPER_STYLE, output_bias=True)),
+    "weights_only": (
+        "as paper-style, counting weight matrices only: no biases, no LayerNorm parameters",
+        dict(PAPER_STYLE, output_bias=False, biases=False, layer_norms=False)),
+}
+
+
+def p3_paper_style_model(cfg=P3_CONFIG, output_bias=False):
+    """The paper-style variant from stock modules: stacks without final norms, tied head."""
+    d = cfg["d_model"]
+    enc = nn.TransformerEncoderLayer(d, cfg["n_heads"], cfg["d_ff"], dropout=0.0, batch_first=True)
+    dec = nn.TransformerDecoderLayer(d, cfg["n_heads"], cfg["d_ff"], dropout=0.0, batch_first=True)
+    net = nn.ModuleDict({
+        "tok_emb": nn.Embedding(cfg["vocab"], d),      # sinusoidal positions: nothing to learn
+        "encoder": nn.TransformerEncoder(enc, cfg["n_enc"], enable_nested_tensor=False),
+        "decoder": nn.TransformerDecoder(dec, cfg["n_dec"]),
+        "lm_head": nn.Linear(d, cfg["vocab"], bias=output_bias),
+    })
+    net["lm_head"].weight = net["tok_emb"].weight
+    assert net["encoder"].norm is None and net["decoder"].norm is None
+    return net
+
+
+def p3_count_variant(net, weights_only=False):
+    """Parameters of a built model (shared tensors once); weights_only keeps matrices only."""
+    return sum(p.numel() for p in net.parameters() if p.dim() >= 2 or not weights_only)
 
 
 class P3Seq2Seq(nn.Module):
@@ -875,11 +1057,12 @@ def p3_check_param_counts(formula, net):
     return built
 
 
-def p3_activation_estimate(cfg, batch, src_len, tgt_len, attention="math"):
+def p3_activation_estimate(cfg, batch, src_len, tgt_len, attention="math", dropout=False):
     """Bytes autograd keeps for backward in one training step, from the formulas in 3.4.
 
     attention="math": the L x L probability maps are stored;
     attention="fused": a flash-style kernel stores one log-sum-exp per query row instead.
+    dropout=True (any p > 0, math attention): add what the dropout sites keep.
     """
     d, f, V, h = cfg["d_model"], cfg["d_ff"], cfg["vocab"], cfg["n_heads"]
     ne, nd = cfg["n_enc"], cfg["n_dec"]
@@ -905,8 +1088,36 @@ def p3_activation_estimate(cfg, batch, src_len, tgt_len, attention="math"):
         "log_softmax": fp32 * Nt * V,
         "int64_indices": i64 * (Ns + Nt + Nt + Ls + Lt),
     }
+    if dropout:
+        if attention != "math":
+            raise ValueError("the dropout terms are derived for the math attention backend")
+        maps = ne * enc_att + nd * (dec_self_att + cross_att)
+        # CPU dropout is x * mask / (1 - p) with an fp32 mask, kept by the multiply. Sites: the
+        # attention probabilities, each sublayer output (2 per encoder, 3 per decoder layer) and
+        # the FFN hidden layer
+        items["dropout_masks"] = fp32 * (maps + (ne * (2 * d + f) * Ns + nd * (3 * d + f) * Nt))
+        # new tensors the next op keeps: the dropped-out probabilities (read by P @ V) and
+        # the dropped-out FFN hidden layer (the second linear's input; ReLU keeps its own output)
+        items["dropout_outputs"] = fp32 * (maps + f * (ne * Ns + nd * Nt))
     items["total"] = sum(items.values())
     return items
+
+
+def p3_peak_estimate(n_params, activations, batch, tgt_len, vocab):
+    """Closed-form peak of one step: it is reached at the start of backward.
+
+    Alive then: the parameters, every saved activation, the gradient of the log-softmax
+    output (from the loss) and the gradient of the logits being written. Parameter
+    gradients do not exist yet (zero_grad(set_to_none=True)); they appear later in backward,
+    when the activations are already being freed.
+    """
+    terms = {
+        "parameters": 4 * n_params,
+        "activations": int(activations),
+        "grad_log_softmax_and_logits": 2 * 4 * batch * tgt_len * vocab,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
 
 
 def p3_attention_backend(kind):
@@ -928,43 +1139,80 @@ def p3_attention_backend(kind):
                                                   enable_mem_efficient=False)
 
 
-def p3_measure_step(net, batch, src_len, tgt_len, attention="math", seed=0):
-    """One real SGD step on the CPU; returns the bytes autograd saved for backward.
+def _profiled_peak(prof):
+    """(peak bytes above the starting level, op that reached it) from a profile_memory run.
 
-    Every saved tensor passes through the pack hook; we record its *storage* (pointer ->
-    size) so views of one buffer are counted once and the whole buffer that stays alive is
-    counted, and we skip parameter storages (counted separately as parameters).
+    Every allocation and free of PyTorch's CPU allocator is an Allocation event carrying the
+    allocator's running total (taken under its lock, so ties in the timestamps do not matter);
+    the peak is the largest total minus the level just before the first event.
+    """
+    from torch._C._profiler import _EventType
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append(node)
+        stack.extend(node.children)
+    if not events:
+        return 0, None
+    first = min(events, key=lambda n: n.start_time_ns).extra_fields
+    base = first.total_allocated - first.alloc_size
+    top = max(events, key=lambda n: n.extra_fields.total_allocated)
+    return int(top.extra_fields.total_allocated - base), (top.parent.name if top.parent else None)
+
+
+def p3_measure_step(net, batch, src_len, tgt_len, attention="math", seed=0, peak=True):
+    """One real SGD step on the CPU: the bytes autograd saved for backward and the step's peak.
+
+    saved_bytes: every saved tensor passes through the pack hook; we record its *storage*
+    (pointer -> size) so views of one buffer are counted once and the whole buffer that stays
+    alive is counted, and we skip parameter storages (counted separately as parameters).
+    peak_bytes (peak=True): torch.profiler with profile_memory records every allocation and
+    free of the CPU allocator during the step; the peak is what was alive before the step
+    (parameters and the batch) plus the highest level reached above it.
     """
     import time
+    from torch.profiler import ProfilerActivity, profile
 
     vocab = net.lm_head.out_features
-    param_storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in net.parameters()}
     saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages and storage.nbytes() > 0:
+        if storage.data_ptr() not in params and storage.nbytes() > 0:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    opt.zero_grad(set_to_none=True)        # gradients of an earlier step are not this step's
+    # kineto (the profiler's backend) logs device-trace chatter on stderr, e.g. "gpuGetDeviceCount
+    # failed" on a CPU-only machine; none of it concerns the CPU allocator events used here
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    recorder = (profile(activities=[ProfilerActivity.CPU], profile_memory=True) if peak
+                else contextlib.nullcontext())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         src = torch.randint(0, vocab, (batch, src_len))
         tgt = torch.randint(0, vocab, (batch, tgt_len))
         labels = torch.randint(0, vocab, (batch, tgt_len))
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with p3_attention_backend(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = net(src, tgt)
-            loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
-        del logits                         # not saved by autograd; free it before backward
-        loss.backward()
-        opt.step()
+        with recorder as prof:
+            with p3_attention_backend(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = net(src, tgt)
+                loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
+            del logits                     # not saved by autograd; free it before backward
+            loss.backward()
+            opt.step()
         seconds = time.perf_counter() - t0
-    return {"saved_bytes": int(sum(saved.values())), "n_saved_storages": len(saved),
-            "loss": loss.item(), "seconds": float(seconds)}
+    out = {"saved_bytes": int(sum(saved.values())), "n_saved_storages": len(saved),
+           "loss": loss.item(), "seconds": float(seconds)}
+    if peak:
+        above, op = _profiled_peak(prof)
+        before = sum(params.values()) + sum(t.untyped_storage().nbytes() for t in (src, tgt, labels))
+        out.update(peak_bytes=int(before + above), peak_op=op, bytes_before_step=int(before))
+    return out
 
 
 def p3_scaling_demo(d_ks=(4, 16, 64, 256, 1024), n_pairs=8000, n_keys=64, n_queries=256, seed=0):
@@ -989,11 +1237,11 @@ def p3_scaling_demo(d_ks=(4, 16, 64, 256, 1024), n_pairs=8000, n_keys=64, n_quer
     return out
 
 
-def problem3(measure_default_kernel=True):
+def problem3(measure_default_kernel=True, measure_dropout=True):
     """Problem 3: scaling demo (3.2), parameter count (3.3), memory estimate + measurement (3.4).
 
-    measure_default_kernel=False skips the second (aside) measurement with PyTorch's default
-    attention kernel, to save a few CPU seconds in tests; its key is then absent.
+    measure_default_kernel=False skips the aside measurement with PyTorch's default attention
+    kernel, measure_dropout=False the dropout-0.1 step; their keys are then absent.
     """
     cfg = P3_CONFIG
     print("Problem 3")
@@ -1014,9 +1262,19 @@ def problem3(measure_default_kernel=True):
         torch.manual_seed(0)
         net = P3Seq2Seq(cfg, dropout=0.0)
         tied_net = P3Seq2Seq(cfg, dropout=0.0, tied=True)
+        paper_nets = {bias: p3_paper_style_model(cfg, output_bias=bias) for bias in (False, True)}
     built = p3_check_param_counts(formula, net)
     tied = p3_param_formula(cfg, tied=True)
     p3_check_param_counts(tied, tied_net)
+    variants = {}
+    for name, (assumption, switches) in P3_VARIANTS.items():
+        count = p3_param_formula(cfg, **switches)["total"]
+        # the same convention built from stock modules must have exactly this many parameters
+        model = paper_nets[switches.get("output_bias", False)]
+        built_count = p3_count_variant(model, weights_only=not switches.get("biases", True))
+        if count != built_count:
+            raise AssertionError(f"{name}: formula {count} != built modules {built_count}")
+        variants[name] = {"total": count, "assumption": assumption}
     print("  3.3 parameters (formula == built nn.Transformer model, checked per component):")
     for k in ("token_embedding", "positional_embedding", "encoder_layer", "decoder_layer",
               "final_layer_norms", "output_projection"):
@@ -1024,17 +1282,21 @@ def problem3(measure_default_kernel=True):
         print(f"      {k:22s} {formula[k]:>9,d}{mult}")
     print(f"      {'total':22s} {formula['total']:>9,d}   (sum(p.numel()) of the model: {built['total']:,d})")
     print(f"      aside: output projection tied to the embedding -> {tied['total']:,d}")
+    for name, v in variants.items():
+        print(f"      {name:24s} {v['total']:>9,d}   (formula == stock modules)")
 
     # ---- 3.4 ----
-    B, L = 16, cfg["max_len"]
+    B, L, V = 16, cfg["max_len"], cfg["vocab"]
     n_params = formula["total"]
     param_bytes = 4 * n_params
     est = p3_activation_estimate(cfg, B, L, L, attention="math")
     est_fused = p3_activation_estimate(cfg, B, L, L, attention="fused")
+    peak_est = p3_peak_estimate(n_params, est["total"], B, L, V)
     meas = p3_measure_step(net, B, L, L, attention="math", seed=0)
-    meas_default = (p3_measure_step(net, B, L, L, attention="default", seed=0)
+    meas_default = (p3_measure_step(net, B, L, L, attention="default", seed=0, peak=False)
                     if measure_default_kernel else None)
     mib = lambda b: b / 2**20
+    gib = lambda b: b / 2**30
     print(f"  3.4 one SGD step, batch {B}, source/target length {L}, fp32, dropout 0:")
     print(f"      parameters  {param_bytes:>14,d} B  ({mib(param_bytes):8.2f} MiB)")
     print(f"      gradients   {param_bytes:>14,d} B  ({mib(param_bytes):8.2f} MiB)")
@@ -1047,14 +1309,15 @@ def problem3(measure_default_kernel=True):
     total = 2 * param_bytes + est["total"]
     print(f"      activations estimate   {est['total']:>14,d} B  ({mib(est['total']):8.2f} MiB)")
     print(f"      activations MEASURED   {meas['saved_bytes']:>14,d} B  ({mib(meas['saved_bytes']):8.2f} MiB)"
-          f"  math attention, {meas['n_saved_storages']} storages, step took {meas['seconds']:.1f} s")
+          f"  math attention, {meas['n_saved_storages']} storages")
     print(f"      estimate / measured = {est['total'] / meas['saved_bytes']:.3f}")
-    print(f"      TOTAL (params + grads + state + activations estimate) = {total:,d} B "
-          f"({mib(total):.1f} MiB = {total / 2**30:.2f} GiB)")
-    if meas_default is not None:
-        print(f"      default attention kernel: estimate (fused, log-sum-exp only) "
-              f"{mib(est_fused['total']):.2f} MiB, measured {mib(meas_default['saved_bytes']):.2f} MiB "
-              f"(step took {meas_default['seconds']:.1f} s)")
+    print(f"      params + grads + state + activations estimate = {total:,d} B "
+          f"({mib(total):.1f} MiB = {gib(total):.2f} GiB)")
+    print(f"      PEAK estimate (params + activations + 2 x {B * L}x{V} gradients) = "
+          f"{peak_est['total']:,d} B ({gib(peak_est['total']):.2f} GiB)")
+    print(f"      PEAK MEASURED (torch.profiler, CPU allocator)             = "
+          f"{meas['peak_bytes']:,d} B ({gib(meas['peak_bytes']):.2f} GiB), reached in "
+          f"{meas['peak_op']}; step took {meas['seconds']:.1f} s")
 
     memory = {
         "parameters": int(param_bytes),
@@ -1064,19 +1327,35 @@ def problem3(measure_default_kernel=True):
         "total": int(total),
         "measured_activations": int(meas["saved_bytes"]),
         "activations_fused_attention": int(est_fused["total"]),
+        "peak_estimate": int(peak_est["total"]),
+        "peak_measured": int(meas["peak_bytes"]),
     }
     measurement = {
         "torch_version": torch.__version__,
         "batch": B, "src_len": L, "tgt_len": L, "dropout": 0.0,
         "math_step_seconds": meas["seconds"],
         "math_saved_storages": meas["n_saved_storages"],
+        "peak_method": "torch.profiler(profile_memory=True): CPU allocator events during the step, "
+                       "plus the parameters and the batch allocated before it",
+        "peak_op": meas["peak_op"],
+    }
+    peak = {
+        "assumption": "fp32, batch 16, source and target length 512, dropout 0, plain SGD, math "
+                      "attention; the peak is at the start of backward: parameters + saved "
+                      "activations + gradients of the log-softmax output and of the logits",
+        "estimate_terms": peak_est,
+        "estimate": int(peak_est["total"]),
+        "measured": int(meas["peak_bytes"]),
     }
     if meas_default is not None:
+        print(f"      default attention kernel: estimate (fused, log-sum-exp only) "
+              f"{mib(est_fused['total']):.2f} MiB, measured {mib(meas_default['saved_bytes']):.2f} MiB "
+              f"(step took {meas_default['seconds']:.1f} s)")
         memory["measured_activations_default_attention"] = int(meas_default["saved_bytes"])
         measurement["default_step_seconds"] = meas_default["seconds"]
         measurement["default_saved_storages"] = meas_default["n_saved_storages"]
 
-    return {
+    result = {
         "q2_scaling_demo": demo,
         "q3_params": {
             "token_embedding": formula["token_embedding"],
@@ -1088,11 +1367,41 @@ def problem3(measure_default_kernel=True):
             "total": formula["total"],
             "total_tied_output_projection": tied["total"],
             "assumptions": list(P3_ASSUMPTIONS),
+            "variants": variants,
         },
         "q4_memory_bytes": memory,
         "q4_activation_breakdown": {k: int(v) for k, v in est.items()},
         "q4_measurement": measurement,
+        "q4_peak": peak,
     }
+
+    if measure_dropout:
+        # nn.Transformer's default dropout, what real training uses; same seed, same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            drop_net = P3Seq2Seq(cfg, dropout=0.1)
+        est_drop = p3_activation_estimate(cfg, B, L, L, attention="math", dropout=True)
+        peak_drop = p3_peak_estimate(n_params, est_drop["total"], B, L, V)
+        meas_drop = p3_measure_step(drop_net, B, L, L, attention="math", seed=0)
+        print(f"      dropout 0.1: activations estimate {est_drop['total']:,d} B, measured "
+              f"{meas_drop['saved_bytes']:,d} B; PEAK estimate {peak_drop['total']:,d} B "
+              f"({gib(peak_drop['total']):.2f} GiB), MEASURED {meas_drop['peak_bytes']:,d} B "
+              f"({gib(meas_drop['peak_bytes']):.2f} GiB); step took {meas_drop['seconds']:.1f} s")
+        result["q4_dropout"] = {
+            "assumption": "as the dropout-0 answer, but dropout p = 0.1 at every site of "
+                          "nn.Transformer (attention probabilities, sublayer outputs, FFN hidden); "
+                          "the byte count is the same for any 0 < p < 1",
+            "dropout": 0.1,
+            "activations_estimate": int(est_drop["total"]),
+            "activations_measured": int(meas_drop["saved_bytes"]),
+            "dropout_masks": int(est_drop["dropout_masks"]),
+            "dropout_outputs": int(est_drop["dropout_outputs"]),
+            "peak_estimate": int(peak_drop["total"]),
+            "peak_measured": int(meas_drop["peak_bytes"]),
+            "peak_op": meas_drop["peak_op"],
+            "step_seconds": meas_drop["seconds"],
+        }
+    return result
 
 
 # %%
@@ -1100,37 +1409,9 @@ if RUN:
     ANSWERS["p3"] = problem3()
 
 # %% [markdown]
-# **Estimate vs. measurement (3.4).** On torch 2.14.1 (CPU) the formula gives 1,233,199,104
-# bytes of activations (1176.1 MiB) against 1,258,364,932 bytes measured with the math
-# attention backend, i.e. the estimate is 2 % low. The gap is exactly 12 tensors of
-# $N\!\cdot\!d$ floats (24 MiB). PyTorch's math attention splits the $1/\sqrt{d_k}$ between
-# Q and K (multiplying each by $d_k^{-1/4}$ before the matmul, for numerical range), so autograd keeps
-# those scaled copies *in addition to* the packed QKV buffer (which stays alive because V is
-# a view into it): +2 per self-attention and +1 per cross-attention (where the unscaled Q is
-# not kept). The measured number also contains one 4-byte scalar (the cross-entropy's total
-# weight, i.e. the number of targets). Neither number covers what is not saved *for
-# backward*: transient peaks such as the $8192\times4000$ logits (125 MiB), which exist until
-# the log-softmax is taken, the gradients of the activations during backward, and allocator
-# and framework overhead.
-#
-# With PyTorch's default (fused, flash-style) CPU attention, the $L\times L$ maps are never
-# stored: the formula with the log-sum-exp term instead predicts 295,510,016 bytes, and the
-# measurement gives 295,510,020 (the same 4-byte scalar). The attention output costs
-# nothing extra there: it already has the layout the output projection reads, so the two
-# share one storage. This fused path is why long-sequence Transformers fit in memory
-# in practice. The numbers may differ slightly with other torch versions, which can pick
-# different kernels (the notebook prints them each run).
-#
-# *Dropout.* With `nn.Transformer`'s default dropout of 0.1 every dropout site would also
-# keep a mask, and dropout on the attention probabilities would keep two more
-# $L\times L$ tensors per attention (on the CPU, PyTorch's composite dropout keeps an fp32 mask
-# and the dropped-out probabilities), roughly tripling the dominant attention term.
-
-# %% [markdown]
 # ### Problem 3.5 — BERT's training objective
 #
-# BERT (an encoder-only Transformer) is pre-trained on two self-supervised tasks, with their
-# losses summed:
+# **Masked language modelling plus next-sentence prediction, with the two losses summed.**
 #
 # 1. **Masked language modelling (MLM).** 15 % of the input WordPiece tokens are selected at
 #    random; of those, 80 % are replaced by `[MASK]`, 10 % by a random token and 10 % are left
@@ -1145,18 +1426,16 @@ if RUN:
 #
 # ### Problem 3.6 (bonus) — can BERT generate text?
 #
-# Not naturally. BERT is not an autoregressive language model: it was never trained to model
-# $p(x_t\mid x_{<t})$, only to fill in a few masked tokens given an almost complete,
-# bidirectional context, so there is no left-to-right factorisation to sample from and no
-# causal mask/KV cache for efficient decoding. Text *can* be squeezed out of it, e.g. start
-# from all `[MASK]` tokens (or append masks to a prompt) and repeatedly predict and resample
-# positions (Gibbs-style sampling, as in Wang & Cho 2019, "BERT has a mouth and it must
-# speak"), or use iterative mask-predict refinement as in non-autoregressive translation, or
-# generate left to right by appending one `[MASK]` at a time. These procedures are slow (many
-# full passes), need the output length fixed in advance, and give less fluent, less coherent
-# text than a decoder. For generation one uses a decoder (GPT-style causal LM) or an
-# encoder-decoder (T5/BART, the latter trained with a denoising objective precisely so that
-# it can generate). BERT's strength is understanding (classification, tagging, extractive QA).
+# **Not naturally: BERT was trained to fill in a few masked tokens from bidirectional context,
+# not to model $p(x_t\mid x_{<t})$, so there is no left-to-right factorisation to sample from.**
+#
+# Text can be squeezed out of it by iterative refinement: start from `[MASK]` tokens (or append
+# masks to a prompt) and repeatedly predict and resample positions (Gibbs-style sampling, Wang &
+# Cho 2019, "BERT has a mouth and it must speak", or mask-predict as in non-autoregressive
+# translation). This is slow (many full passes), needs the length fixed in advance and gives
+# less fluent text than a decoder. For generation one uses a causal decoder (GPT) or an
+# encoder-decoder (T5, BART); BERT's strength is understanding (classification, tagging,
+# extractive QA).
 
 # %% [markdown]
 # ### Answers file
@@ -1167,7 +1446,10 @@ if RUN:
 def answers_table(ans):
     """The summary table of Problems 1-3 (also in README.md, which a test keeps identical)."""
     p1, p2, p3 = ans["p1"], ans["p2"], ans["p3"]
-    q3, q4 = p3["q3_params"], p3["q4_memory_bytes"]
+    q3, q4, peak = p3["q3_params"], p3["q4_memory_bytes"], p3["q4_peak"]
+    var = q3["variants"]
+    drop = p3.get("q4_dropout")
+    gib = lambda b: f"{b:,} B ≈ {b / 2**30:.2f} GiB"
     mat = lambda m: "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in m) + "]"
     rows = [
         ("1.1", "prediction p̂", f"{p1['p_hat']:.6f}"),
@@ -1176,18 +1458,97 @@ def answers_table(ans):
         ("1.4", "∂z₂/∂a₁ (1×3)", mat(p1["dz2_da1"])),
         ("1.5", "∂a₁/∂z₁ (3×3)", "diag(" + ", ".join(f"{p1['da1_dz1'][i][i]:g}" for i in range(3)) + ")"),
         ("1.6", "∂z₁ᵢ/∂W₁ⱼₖ (3×3×2)", "δᵢⱼ xₖ, x = " + mat([p1["dz1_dW1"][0][0]])[1:-1]),
-        ("1.7", "∂J/∂W₁ (3×2)", mat(p1["dJ_dW1"])),
+        ("1.7", "∂J/∂a₁, ∂J/∂z₁ (1×3 rows)", mat([p1["dJ_da1"]]) + ", " + mat([p1["dJ_dz1"]])),
+        ("1.7", "∂J/∂W₁ = (∂J/∂z₁)ᵀ xᵀ (3×2)", mat(p1["dJ_dW1"])),
         ("2.1", "64×64, 5×5, stride 2", " × ".join(map(str, p2["q1_output_hw"]))),
         ("2.2", "output dimension", p2["q2_formula"]),
         ("2.3a", "weight / bias shape", f"{p2['q3a_weight_shape']} / {p2['q3a_bias_shape']}"),
         ("2.3b", "output shape", str(p2["q3b_output_shape"])),
         ("2.3c", "linear input features", str(p2["q3c_linear_in_features"])),
         ("3.3", "parameters (enc / dec layer)", f"{q3['total']:,} ({q3['encoder_layer']:,} / {q3['decoder_layer']:,})"),
-        ("3.4", "one SGD step, batch 16 (estimate)", f"{q4['total']:,} B ≈ {q4['total'] / 2**30:.2f} GiB"),
+        ("3.3", "paper-style: tied, sinusoidal, no final LN (with output bias)",
+         f"{var['paper_style']['total']:,} ({var['paper_style_output_bias']['total']:,})"),
+        ("3.3", "weights only (paper-style, no biases, no LayerNorms)", f"{var['weights_only']['total']:,}"),
+        ("3.4", "**peak** of one SGD step, batch 16: measured", gib(peak["measured"])),
+        ("3.4", "peak: closed form", gib(peak["estimate"])),
+        ("3.4", "params + grads + saved activations (estimate)", gib(q4["total"])),
         ("3.4", "activations: estimate / measured", f"{q4['activations']:,} / {q4['measured_activations']:,} B"),
     ]
+    if drop:
+        rows.append(("3.4", "peak with dropout 0.1: measured / closed form",
+                     f"{gib(drop['peak_measured'])} / {gib(drop['peak_estimate'])}"))
     lines = ["| Problem | Quantity | Answer |", "|---|---|---|"]
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+
+
+def markdown_blocks(ans):
+    """The computed figures the Problem 3 markdown cites, as markdown (a test keeps them identical).
+
+    Each block sits in the notebook between `<!-- generated: KEY -->` and `<!-- end generated -->`.
+    """
+    p3 = ans["p3"]
+    demo, q3, q4, peak = p3["q2_scaling_demo"], p3["q3_params"], p3["q4_memory_bytes"], p3["q4_peak"]
+    drop = p3["q4_dropout"]
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    blocks = {}
+
+    rows = ["| d_k | Var(q·k) | max p, unscaled | median ‖J‖, unscaled | max p, scaled | median ‖J‖, scaled |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for i, dk in enumerate(demo["d_k"]):
+        rows.append(f"| {dk} | {demo['var_qk'][i]:.1f} | {demo['max_prob_unscaled'][i]:.3f} | "
+                    f"{demo['softmax_jacobian_norm_unscaled'][i]:.2e} | {demo['max_prob_scaled'][i]:.3f} | "
+                    f"{demo['softmax_jacobian_norm_scaled'][i]:.2e} |")
+    blocks["3.2"] = "\n".join(rows)
+
+    var = q3["variants"]
+    blocks["3.3"] = "\n".join([
+        f"**{q3['total']:,} parameters** for the model as specified below (`nn.Transformer`-style). "
+        f"Other conventions an answer key may use:",
+        "",
+        "| convention | assumptions | parameters |",
+        "|---|---|---:|",
+        f"| as specified below | learned positions, final LayerNorms, untied output layer with bias | **{q3['total']:,}** |",
+        f"| paper-style | {var['paper_style']['assumption']} | {var['paper_style']['total']:,} |",
+        f"| paper-style + output bias | {var['paper_style_output_bias']['assumption']} | "
+        f"{var['paper_style_output_bias']['total']:,} |",
+        f"| weights only | {var['weights_only']['assumption']} | {var['weights_only']['total']:,} |",
+        f"| as specified, tied head | output layer shares the embedding matrix, keeps its bias | "
+        f"{q3['total_tied_output_projection']:,} |",
+    ])
+
+    blocks["3.4"] = "\n".join([
+        f"**Peak ≈ {gib(peak['measured'])}** ({peak['measured']:,} bytes measured; the closed form "
+        f"below gives {gib(peak['estimate'])}) with dropout 0; **≈ {gib(drop['peak_measured'])}** "
+        f"with `nn.Transformer`'s default dropout 0.1.",
+        "",
+        "| bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |",
+        "|---|---:|---:|",
+        f"| parameters | {q4['parameters']:,} | |",
+        f"| gradients (plain SGD: no optimizer state) | {q4['gradients']:,} | |",
+        f"| activations saved for backward | {q4['activations']:,} | {q4['measured_activations']:,} |",
+        f"| parameters + gradients + saved activations | {q4['total']:,} | |",
+        f"| gradients of the log-softmax output and of the logits | "
+        f"{peak['estimate_terms']['grad_log_softmax_and_logits']:,} | |",
+        f"| **peak of the step** (parameters + saved activations + those two gradients) | "
+        f"{peak['estimate']:,} ({gib(peak['estimate'])}) | **{peak['measured']:,} ({gib(peak['measured'])})** |",
+        f"| dropout 0.1: activations saved for backward | {drop['activations_estimate']:,} | "
+        f"{drop['activations_measured']:,} |",
+        f"| **dropout 0.1: peak of the step** | {drop['peak_estimate']:,} ({gib(drop['peak_estimate'])}) | "
+        f"**{drop['peak_measured']:,} ({gib(drop['peak_measured'])})** |",
+        f"| aside, fused attention (PyTorch's default): activations | {q4['activations_fused_attention']:,} | "
+        f"{q4['measured_activations_default_attention']:,} |",
+    ])
+    return blocks
+
+
+def markdown_block_text(text, key):
+    """The generated block KEY inside a markdown text (py:percent '# ' prefixes removed)."""
+    lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in text.splitlines()]
+    text = "\n".join(lines)
+    begin = f"<!-- generated: {key} -->\n"
+    if text.count(begin) != 1:
+        raise ValueError(f"expected one '{begin.strip()}' marker, found {text.count(begin)}")
+    return text.split(begin, 1)[1].split("\n<!-- end generated -->", 1)[0]
 
 
 T_ANSWERS = time.time() - T_START if RUN else 0.0
@@ -1510,7 +1871,7 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
                        f"sm_{capability[0]}{capability[1]}: use fp16")
     if compile_model and not (use_cuda and capability >= (7, 0)):
         raise HW2Error("--compile: needs a CUDA GPU of sm_70+ (Triton); drop the flag")
-    if preset is None or (note and preset == "full"):
+    if preset is None or (note and preset in ("full", "fast")):
         preset = "full" if use_cuda else "quick"  # the CPU can't run the GPU recipe in useful time
     return dict(device=dev, precision=precision, compile=compile_model, preset=preset, note=note)
 
@@ -1698,7 +2059,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         x = self.groups(F.gelu(self.whiten(x)))
-        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        x = x.amax(dim=(2, 3))  # global max-pool: a deterministic CUDA backward (adaptive_max_pool2d's is not)
         return self.head(x) / 9  # fixed temperature: keeps early logits small
 
 
@@ -1715,6 +2076,34 @@ def init_whitening(conv, images, eps=5e-4):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(hp, whiten_bias_trains=False):
+    """FLOPs per image (2 per multiply-add of convolutions and matmuls, as PyTorch's counter
+    counts them) of one forward and of one training step (forward + backward) of the preset's Net.
+
+    Counted by running the real model under FlopCounterMode, so the count follows the code:
+    backward skips the frozen whitening weights and, once its bias freezes, the whole stem."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):  # shapes only: nothing is computed, so this costs no time
+        model = Net(hp["widths"], hp["residual"])
+        x = torch.zeros(2, 3, 32, 32)  # 2 images: BatchNorm needs more than one value per channel
+    model.whiten.bias.requires_grad = whiten_bias_trains
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x)
+    with FlopCounterMode(display=False) as bwd:
+        out.sum().backward()
+    f, b = fwd.get_total_flops() // 2, bwd.get_total_flops() // 2
+    return dict(forward_per_image=f, train_per_image=f + b)
+
+
+def count_run_flops(hp, epochs, images_per_epoch):
+    """Training FLOPs of a run: the stem's bias trains (a bigger backward) in the first epochs."""
+    warm = min(epochs, hp["whiten_bias_epochs"])
+    flops = count_flops(hp)
+    per_image_warm = count_flops(hp, whiten_bias_trains=True)["train_per_image"]
+    flops["train_run"] = images_per_epoch * (warm * per_image_warm + (epochs - warm) * flops["train_per_image"])
+    return flops
 
 
 if RUN and not CFG.answers_only:
@@ -1787,9 +2176,13 @@ class DataParallel(SingleProcess):
     def end_epoch(self, model, lookahead, *totals):
         for t in totals:  # the epoch's loss and correct counts, summed over ranks
             dist.all_reduce(t)
-        for name, buf in model.named_buffers():  # BN running stats, and their lookahead copies
+        self.average_buffers(model, lookahead.slow)  # BN running stats and their lookahead copies
+
+    @torch.no_grad()
+    def average_buffers(self, model, slow=None):
+        for name, buf in model.named_buffers():
             if buf.is_floating_point():
-                for b in (buf, lookahead.slow[name]):
+                for b in (buf,) if slow is None else (buf, slow[name]):
                     dist.all_reduce(b)
                     b.div_(self.world)
 
@@ -1823,7 +2216,7 @@ class _DDPModel:
 DIST = SingleProcess()  # replaced inside each rank of a data-parallel run
 
 
-def train_rank(rank, world, data, hp, hw, cfg, store_dir=None):
+def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
     """One rank of a data-parallel run (forked, or started by torchrun); rank 0 prints and writes."""
     global DIST
     cuda = hw["device"] == "cuda"
@@ -1845,15 +2238,17 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None):
             print(f"data-parallel: {world} processes ({backend}), global batch {batch_size} = "
                   f"{world} × {batch_size // world}")
         try:
+            stats = {} if stats is None else stats
             model, history = train(data, hp, hw, cfg, cfg.epochs or hp["epochs"], batch_size,
-                                   log=print if rank == 0 else (lambda *a: None))
+                                   log=print if rank == 0 else (lambda *a: None), stats=stats)
         except torch.cuda.OutOfMemoryError:  # a retry would need every rank to agree: stop
             raise HW2Error(f"CUDA out of memory at a global batch of {batch_size} on {world} "
                            "processes: run with --gpus 1, which retries at half the batch") from None
+        DIST.average_buffers(model)  # the final BN recompute may differ in the last bits per GPU
         if rank == 0:
             save_torch(os.path.join(cfg.output_dir, "model.pt"),
                        dict(model=model.state_dict(), preset=cfg.preset, history=history,
-                            batch_size=batch_size, world_size=world))
+                            batch_size=batch_size, world_size=world, train_stats=stats))
         return model, history
     finally:
         DIST = SingleProcess()
@@ -1909,14 +2304,16 @@ def launch_ranks(world, data, hp, hw, cfg, grace_s=3.0):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def train_distributed(data, hp, hw, cfg):
+def train_distributed(data, hp, hw, cfg, stats=None):
     """train_with_oom_retry's data-parallel twin: (model, history, batch_size); model.pt is written."""
     world = hw["world_size"]
     if TORCHRUN_RANK is not None:  # torchrun made this process rank 0: train right here
-        model, history = train_rank(0, world, data, hp, hw, cfg)
+        model, history = train_rank(0, world, data, hp, hw, cfg, stats=stats)
         return model, history, hp["batch_size"]
     launch_ranks(world, data, hp, hw, cfg)
     saved = load_checkpoint(os.path.join(cfg.output_dir, "model.pt"))  # rank 0's result
+    if stats is not None:
+        stats.update(saved.get("train_stats", {}))
     model = Net(hp["widths"], hp["residual"]).to(hw["device"], memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])
     return model, saved["history"], saved["batch_size"]
@@ -1928,10 +2325,9 @@ def torchrun_follower():
     with contextlib.redirect_stderr(io.StringIO()):  # rank 0 already printed any warning
         cfg = parse_config()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
+    configure_determinism(cfg.deterministic)
     hw = choose_hardware(cfg)
     cfg.preset = hw["preset"]
-    if hw["device"] == "cuda":
-        torch.backends.cudnn.benchmark = True
     train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
                dict(PRESETS[cfg.preset]), hw, cfg)
 
@@ -1949,8 +2345,14 @@ def torchrun_follower():
 # * **Lookahead/EMA**: every 5 steps the weights are pulled towards a slow exponential average
 #   whose decay rises as (step/total)³; the final weights are that average.
 # * fp16 autocast + GradScaler and channels_last on CUDA (bf16 only if asked, sm_80+); fp32 on CPU.
-# * A checkpoint each epoch (`checkpoint.pt`) so `--resume` continues a run that Kaggle killed;
-#   on CUDA out-of-memory the run restarts once at half the batch size.
+#   The loss is a *sum* over the batch, so weight gradients grow with the batch: the scaler starts
+#   at a scale measured to keep them inside fp16's range (`fp16_loss_scale`), not at 65536.
+# * After training, the BatchNorm statistics are recomputed for the final (averaged) weights with
+#   one pass over 10,000 training images: the running averages trail the weights, which costs
+#   accuracy in short runs.
+# * A checkpoint (`checkpoint.pt`) about once a minute and after the last epoch, so `--resume`
+#   continues a run that Kaggle killed; on CUDA out-of-memory the run restarts once at half the
+#   batch size. `--deterministic` trades cuDNN autotuning for bit-exact reruns on the same GPU.
 
 # %%
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]) * 255
@@ -2023,7 +2425,9 @@ def lr_factor(step, total, warmup):
 
 
 def make_optimizer(model, hp, batch_size):
-    # Decoupled -> PyTorch units: Nesterov momentum m multiplies the steady-state step by 1+1/(1-m).
+    # Decoupled -> PyTorch units. SGD momentum m multiplies the steady-state step by 1/(1-m);
+    # the divisor 1+1/(1-m) is airbench's convention (Nesterov's extra look-ahead term counted
+    # once more) and the presets' lr/wd are tuned in it, so it stays.
     kilo = 1024 * (1 + 1 / (1 - hp["momentum"]))
     lr, wd = hp["lr"] / kilo, hp["wd"] * batch_size / kilo
     lr_bias = lr * hp["bias_lr_scale"]
@@ -2072,11 +2476,13 @@ def accuracy(logits, labels):
     return float((logits.argmax(1).numpy() == labels).mean()) if len(labels) else float("nan")
 
 
-def _checkpoint(model, lookahead, opt, scaler, epoch, step, history, base_flip, gen, extra):
-    return dict(model=model.state_dict(), slow=lookahead.slow, opt=opt.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else {}, epoch=epoch, step=step,
-                history=history, base_flip=base_flip.cpu(), gen=gen.get_state(),
-                cpu_rng=torch.get_rng_state(), **extra)
+def _checkpoint(model, lookahead, opt, scaler, epoch, step, history, base_flip, gen, extra, final=False):
+    ck = dict(model=model.state_dict(), epoch=epoch, step=step, history=history, **extra)
+    if not final:  # after the last epoch only the weights are needed: a third of the bytes
+        ck.update(slow=lookahead.slow, opt=opt.state_dict(),
+                  scaler=scaler.state_dict() if scaler is not None else {}, base_flip=base_flip.cpu(),
+                  gen=gen.get_state(), cpu_rng=torch.get_rng_state())
+    return ck
 
 
 def save_torch(path, obj):
@@ -2090,8 +2496,50 @@ def load_checkpoint(path):
         raise HW2Error(f"{path}: not a usable checkpoint ({type(e).__name__})") from None
 
 
-def train(data, hp, hw, cfg, epochs, batch_size, log=print):
-    """Train from scratch (or --resume); returns (model, history). Prints one line per epoch."""
+CHECKPOINT_EVERY_S = 60.0  # default --checkpoint-every: one save (~0.2-1 s for full) a minute
+FP16_MAX = 65504.0
+# Largest weight gradient (computed in fp16 under autocast) at batch 1024, rounded up from the
+# measured maximum over the first training steps of `full` and `fast` (139, the head's weight in
+# `full`'s third step; fp32 on the CPU, summed loss: BENCHMARKS.md). On a GPU, metrics.json's
+# fp16_scale shows whether the run ever overflowed (end < init: one skipped step per halving).
+GRAD_MAX_PER_1024 = 160.0
+
+
+def fp16_loss_scale(batch_size, margin=4.0):
+    """GradScaler's initial scale: the largest power of 2 that keeps `margin`× the measured largest
+    gradient below fp16's max. The summed loss makes weight gradients grow with the batch, so
+    PyTorch's default 65536 overflows: each overflow skips a warm-up step, and the scale, which
+    only grows back every 2000 steps, then stays low for the whole run anyway."""
+    worst = GRAD_MAX_PER_1024 * batch_size / 1024 * margin
+    return 2.0 ** math.floor(math.log2(FP16_MAX / worst))
+
+
+@torch.no_grad()
+def recompute_bn_stats(model, images_u8, device, precision, n_images=10000, batch_size=1000):
+    """BatchNorm running statistics of the final weights, from one pass over training images.
+
+    During training the running averages (momentum 0.1) trail weights that keep moving, and
+    lookahead averages them across steps: in short runs they describe none of the weights the
+    model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative (equal-weight) average over the pass
+    model.train()
+    for chunk in images_u8[:n_images].split(batch_size):
+        with autocast_ctx(device, precision):
+            model(normalize(chunk).contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
+    """Train from scratch (or --resume); returns (model, history). Prints one line per epoch.
+
+    `stats` (a dict, optional) receives what the run cost: checkpoint saves, seconds, bytes."""
+    stats = {} if stats is None else stats
     device, precision = hw["device"], hw["precision"]
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -2105,7 +2553,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
     model = Net(hp["widths"], hp["residual"]).to(device, memory_format=torch.channels_last)
     init_whitening(model.whiten, normalize(train_x[:5000]))
     opt = make_optimizer(model, hp, batch_size)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    # the default scale (65536) overflows the summed loss's weight gradients: see fp16_loss_scale
+    scaler = torch.amp.GradScaler("cuda", init_scale=fp16_loss_scale(batch_size)) if precision == "fp16" else None
     lookahead = Lookahead(model)
     base_flip = torch.rand(n, device=device, generator=gen) < 0.5
     history, start_epoch, step = [], 0, 0
@@ -2121,13 +2570,14 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
             raise HW2Error(f"--resume: {ckpt_path} is from another run ({ck.get('identity')}), "
                            f"this run is {identity}")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        if scaler is not None and ck["scaler"]:
-            scaler.load_state_dict(ck["scaler"])
-        lookahead.slow = {k: v.to(device) for k, v in ck["slow"].items()}
-        base_flip = ck["base_flip"].to(device)
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["cpu_rng"])
+        if "opt" in ck:  # absent after the last epoch: nothing is left to train
+            opt.load_state_dict(ck["opt"])
+            if scaler is not None and ck["scaler"]:
+                scaler.load_state_dict(ck["scaler"])
+            lookahead.slow = {k: v.to(device) for k, v in ck["slow"].items()}
+            base_flip = ck["base_flip"].to(device)
+            gen.set_state(ck["gen"])
+            torch.set_rng_state(ck["cpu_rng"])
         history, start_epoch, step = ck["history"], ck["epoch"] + 1, ck["step"]
         log(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
     compiled = DIST.wrap(model, hw["compile"])  # torch.compile and/or DDP (see "Several GPUs")
@@ -2135,6 +2585,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
     log(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_acc':>7} {'lr':>8} {'seconds':>7}")
     for row in history:
         log(_epoch_line(row))
+    every = getattr(cfg, "checkpoint_every", CHECKPOINT_EVERY_S)
+    t_saved, ckpt = time.time(), stats.setdefault("checkpoint", dict(saves=0, seconds=0.0, bytes=0))
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         model.train()
@@ -2164,8 +2616,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
                 loss.backward()
                 opt.step()
             step += 1
-            if step % 5 == 0 or step == total:
-                lookahead.update(model, 1.0 if step == total else 0.95 ** 5 * (step / total) ** 3)
+            if step % 5 == 0 or step == total:  # the last update also takes in the last 1-4 steps
+                lookahead.update(model, 0.95 ** 5 * (step / total) ** 3)
             loss_sum += loss.detach()
             correct += (out.argmax(1) == labels).sum()
             if device == "cpu" and steps_per_epoch >= 20 and (IN_NOTEBOOK or sys.stderr.isatty()):
@@ -2174,15 +2626,23 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print):
         seen = steps_per_epoch * batch_size
         row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    val_acc=None, lr=opt.param_groups[1]["lr"], seconds=0.0)
-        if len(data["val_x"]) and (epoch + 1 == epochs or cfg.preset != "quick"):
+        if len(data["val_x"]) and (epoch + 1 == epochs or cfg.preset not in ("quick", "fast")):
             row["val_acc"] = accuracy(predict_logits(model, data["val_x"], device, precision),
                                       data["val_y"])
         row["seconds"] = time.time() - t0
         history.append(row)
         log(_epoch_line(row))
-        if DIST.rank == 0:
+        last = epoch + 1 == epochs
+        if DIST.rank == 0 and (last or time.time() - t_saved >= every):  # cost: a small share
+            t1 = time.time()
             save_torch(ckpt_path, _checkpoint(model, lookahead, opt, scaler, epoch, step, history,
-                                              base_flip, gen, dict(identity=identity)))
+                                              base_flip, gen, dict(identity=identity), final=last))
+            t_saved = time.time()
+            ckpt.update(saves=ckpt["saves"] + 1, seconds=round(ckpt["seconds"] + t_saved - t1, 3),
+                        bytes=os.path.getsize(ckpt_path))
+    if scaler is not None:  # one skipped step per halving: init/end tells how many overflowed
+        stats["fp16_scale"] = dict(init=fp16_loss_scale(batch_size), end=scaler.get_scale())
+    recompute_bn_stats(model, train_x, device, precision)
     return model, history
 
 
@@ -2200,26 +2660,33 @@ def _epoch_line(r):
             f"{r['lr']:8.5f} {r['seconds']:7.2f}")
 
 
-def train_with_oom_retry(data, hp, hw, cfg):
+def free_accelerator_memory():
+    gc.collect()  # the failed attempt's model, optimizer and activations are cycles in its frames
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # hand the freed blocks back, so the retry can allocate them
+
+
+def train_with_oom_retry(data, hp, hw, cfg, stats=None):
     epochs = cfg.epochs or hp["epochs"]
     try:
-        return train(data, hp, hw, cfg, epochs, hp["batch_size"]) + (hp["batch_size"],)
+        return train(data, hp, hw, cfg, epochs, hp["batch_size"], stats=stats) + (hp["batch_size"],)
     except torch.cuda.OutOfMemoryError:
-        half = hp["batch_size"] // 2
-        print(f"CUDA out of memory at batch {hp['batch_size']}: retrying once at batch {half}")
-        torch.cuda.empty_cache()
-        cfg.resume = False  # the checkpoint (if any) is for the other batch size
-        return train(data, hp, hw, cfg, epochs, half) + (half,)
+        pass  # retry *outside* the handler: its traceback pins every tensor of the failed attempt
+    half = hp["batch_size"] // 2
+    print(f"CUDA out of memory at batch {hp['batch_size']}: retrying once at batch {half}")
+    free_accelerator_memory()
+    cfg.resume = False  # the checkpoint (if any) is for the other batch size
+    return train(data, hp, hw, cfg, epochs, half, stats=stats) + (half,)
 
 
 if RUN and not CFG.answers_only:
     HP = dict(PRESETS[CFG.preset])
     print(f"run: preset {CFG.preset} | seed {CFG.seed} | device {HW['device']} ({HW['name']}) | "
-          f"precision {HW['precision']} | torch {torch.__version__} | epochs {CFG.epochs or HP['epochs']}")
+          f"precision {HW['precision']} | torch {torch.__version__} | epochs {CFG.epochs or HP['epochs']}"
+          f" | deterministic {CFG.deterministic}")
+    TRAIN_STATS = {}
     if HW["device"] == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    else:
-        torch.backends.cudnn.benchmark = True
     T0 = time.time()
     if CFG.predict_only:
         MODEL_PATH = os.path.join(CFG.output_dir, "model.pt")
@@ -2234,9 +2701,9 @@ if RUN and not CFG.answers_only:
         HISTORY, BATCH_SIZE = _saved["history"], _saved["batch_size"]
         print(f"loaded {MODEL_PATH} (trained {len(HISTORY)} epochs): no training")
     elif HW["world_size"] > 1:  # several GPUs (or --gpus N on the CPU): see "Several GPUs"
-        MODEL, HISTORY, BATCH_SIZE = train_distributed(DATA, HP, HW, CFG)
+        MODEL, HISTORY, BATCH_SIZE = train_distributed(DATA, HP, HW, CFG, TRAIN_STATS)
     else:
-        MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG)
+        MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG, TRAIN_STATS)
         save_torch(os.path.join(CFG.output_dir, "model.pt"),
                    dict(model=MODEL.state_dict(), preset=CFG.preset, history=HISTORY, batch_size=BATCH_SIZE))
     T_TRAIN = time.time() - T0
@@ -2341,6 +2808,11 @@ def _save_fig(fig, out_dir, name):
     return path
 
 
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def confusion(pred, true, k=10):
     cm = np.zeros((k, k), np.int64)
     np.add.at(cm, (true, pred), 1)
@@ -2369,11 +2841,20 @@ if RUN and not CFG.answers_only:
         print("no test images (no --test-npy, no Kaggle test.npy, no test_batch): no submission written")
     T_PREDICT = time.time() - T0
     FIGS = save_figures(HISTORY, VAL_CM, DATA["test_x"], TEST_PRED, CFG.output_dir)
+    _bs = min(BATCH_SIZE, len(DATA["train_x"]))  # an epoch trains on whole batches only
+    FLOPS = count_run_flops(HP, len(HISTORY), len(DATA["train_x"]) // _bs * _bs)
     METRICS = dict(
         preset=CFG.preset, seed=CFG.seed, device=HW["device"], device_name=HW["name"],
         world_size=HW["world_size"],
         precision=HW["precision"], torch=torch.__version__, numpy=np.__version__,
-        python=platform.python_version(), epochs=len(HISTORY), batch_size=BATCH_SIZE,
+        python=platform.python_version(),
+        # what a reproduction must match: same accelerator, same seed, same torch/CUDA/cuDNN
+        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if HW["device"] == "cuda" else None,
+        deterministic=CFG.deterministic, compile=HW["compile"],
+        submission_sha256=sha256_file(OUTPUTS["submission"]) if "submission" in OUTPUTS else None,
+        flops=FLOPS,
+        checkpoint=TRAIN_STATS.get("checkpoint"), fp16_scale=TRAIN_STATS.get("fp16_scale"),
+        epochs=len(HISTORY), batch_size=BATCH_SIZE,
         parameters=count_params(MODEL), n_train=len(DATA["train_x"]), n_val=len(DATA["val_x"]),
         n_test=0 if DATA["test_x"] is None else len(DATA["test_x"]), data_source=DATA["source"],
         test_source=DATA["test_path"],

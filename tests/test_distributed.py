@@ -140,7 +140,7 @@ def test_two_ranks_end_with_identical_weights(two_rank_run):
 def test_interrupted_and_resumed_equals_uninterrupted(two_rank_run, tmp_path):
     d, res = two_rank_run
     out = tmp_path / "out"
-    stop = helper("interrupt", out, "--gpus", 2, "--device", "cpu")
+    stop = helper("interrupt", out, "--gpus", 2, "--device", "cpu", "--checkpoint-every", 0)
     assert stop.returncode != 0 and "injected interruption" in stop.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0  # epoch 1 saved
     again = helper("ok", out, "--gpus", 2, "--device", "cpu", "--resume")

@@ -139,15 +139,28 @@ def test_tta_averages_views():
     torch.manual_seed(0)
     model = hw2.Net((8, 16, 16)).eval()
     imgs = _batch(10).numpy()
-    l0 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=0)
-    l1 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=1)
-    l2 = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=2)
-    mirrored = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=0)
-    assert torch.allclose(l1, 0.5 * (l0 + mirrored), atol=1e-5)
-    assert l2.shape == (10, 10) and not torch.allclose(l2, l1)
-    # a mirror-symmetric score: TTA-1 logits are invariant to flipping the input
-    l1_flipped = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=1)
-    assert torch.allclose(l1, l1_flipped, atol=1e-5)
+    view = lambda a: hw2.predict_logits(model, np.ascontiguousarray(a), "cpu", "fp32", tta=0)
+    l0, l1, l2 = (hw2.predict_logits(model, imgs, "cpu", "fp32", tta=t) for t in (0, 1, 2))
+    assert torch.allclose(l0, view(imgs), atol=0)
+    # level 1: the image and its mirror, weight 1/2 each
+    mirror_pair = lambda a: 0.5 * view(a) + 0.5 * view(a[..., ::-1])
+    assert torch.allclose(l1, mirror_pair(imgs), atol=1e-5)
+    # level 2: that pair at weight 1/2, plus the pairs of the two 1-pixel diagonal shifts
+    # (reflect-padded, cropped at offset (0, 0) and (2, 2)) at weight 1/4 each
+    padded = np.pad(imgs, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    shifts = [padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    expected = 0.5 * mirror_pair(imgs) + 0.25 * mirror_pair(shifts[0]) + 0.25 * mirror_pair(shifts[1])
+    assert torch.allclose(l2, expected, atol=1e-5)
+    # the check can fail: other shifts or other weights give other logits
+    wrong_shift = np.pad(imgs, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")[:, :, :32, 2:]
+    assert not torch.allclose(l2, 0.5 * mirror_pair(imgs) + 0.25 * mirror_pair(shifts[0])
+                              + 0.25 * mirror_pair(wrong_shift), atol=1e-5)
+    assert not torch.allclose(l2, (mirror_pair(imgs) + mirror_pair(shifts[0]) + mirror_pair(shifts[1])) / 3,
+                              atol=1e-5)
+    # a mirror-symmetric score: TTA-1 logits are invariant to flipping the input (level 2 is not:
+    # mirroring swaps its diagonal shifts for the other diagonal)
+    flipped = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=1)
+    assert torch.allclose(l1, flipped, atol=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -215,7 +228,7 @@ def test_smoke_end_to_end_with_real_data(cifar_dir, tmp_path):
 def test_cuda_oom_retries_once_at_half_the_batch(monkeypatch, capsys):
     calls = []
 
-    def fake_train(data, hp, hw, cfg, epochs, batch_size, log=print):
+    def fake_train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         calls.append((batch_size, cfg.resume))
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

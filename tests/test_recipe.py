@@ -1,0 +1,373 @@
+"""The GPU recipe's moving parts, on the CPU and on real code paths (issue #7): OOM retry, the final
+lookahead step, fp16 loss scale, checkpoint cost, BatchNorm statistics, FLOP counter, determinism,
+and the `fast` preset end to end."""
+import argparse
+import gc
+import hashlib
+import json
+import os
+import weakref
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hw2
+from conftest import run_hw2
+
+CPU = dict(device="cpu", precision="fp32", compile=False)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
+                checkpoint_every=0.0, deterministic=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _data(n_train=320, n_val=64, seed=0):
+    x, y = hw2.synthetic_cifar(n_train + n_val, seed=seed)
+    return dict(train_x=x[:n_train], train_y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
+
+
+def _quiet(s):
+    pass
+
+
+# ---------------------------------------------------------------- OOM retry
+def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatch):
+    """The real train(): attempt 1 dies of OOM mid-training; when attempt 2 builds its optimizer,
+    attempt 1's model and its on-device training set must already be garbage, and the cache freed
+    after that (a retry inside the `except` block keeps them alive through the traceback)."""
+    attempts, events = [], []
+    real_make_optimizer, real_lr_factor = hw2.make_optimizer, hw2.lr_factor
+
+    def spy_make_optimizer(model, hp, batch_size):
+        if attempts:  # the retry starts: is the first attempt gone?
+            events.append(("retry starts", attempts[0]["model"]() is None, attempts[0]["param"]() is None))
+        attempts.append(dict(model=weakref.ref(model), param=weakref.ref(model.groups[0].conv1.weight),
+                             batch=batch_size))
+        return real_make_optimizer(model, hp, batch_size)
+
+    def oom_in_first_attempt(step, total, warmup):
+        if len(attempts) == 1 and step == 1:  # inside the training loop, after one real step
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_lr_factor(step, total, warmup)
+
+    def fake_empty_cache():
+        events.append(("empty_cache", attempts[0]["model"]() is None))
+
+    monkeypatch.setattr(hw2, "make_optimizer", spy_make_optimizer)
+    monkeypatch.setattr(hw2, "lr_factor", oom_in_first_attempt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", fake_empty_cache)
+    hp = dict(hw2.PRESETS["smoke"], epochs=1)
+    cfg = _cfg(tmp_path, resume=False)
+    model, history, batch = hw2.train_with_oom_retry(_data(), hp, CPU, cfg)
+    assert [a["batch"] for a in attempts] == [32, 16] and batch == 16 and len(history) == 1
+    assert events == [("empty_cache", True), ("retry starts", True, True)], events
+
+
+def test_oom_positive_control_a_live_reference_is_seen(tmp_path, monkeypatch):
+    """The weakref probe above can fail: keep attempt 1's model alive and it reports so."""
+    keep, seen = [], []
+    real = hw2.make_optimizer
+
+    def spy(model, hp, batch_size):
+        if keep:
+            seen.append(keep[0]() is None)
+        keep.append(weakref.ref(model))
+        spy.hold = model  # a live reference, as a retry inside `except` would have
+        return real(model, hp, batch_size)
+
+    monkeypatch.setattr(hw2, "make_optimizer", spy)
+    hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 1, 32, log=_quiet)
+    hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 1, 16, log=_quiet)
+    gc.collect()
+    assert seen == [False]
+
+
+# ---------------------------------------------------------------- lookahead's last update
+def test_last_sgd_steps_reach_the_final_weights(tmp_path, monkeypatch):
+    """The last lookahead update must take in the SGD steps since the previous one (lerp, then
+    copy), not just copy the stale slow weights back."""
+    slow_after = []
+    real_update = hw2.Lookahead.update
+
+    def spy(self, model, decay):
+        real_update(self, model, decay)
+        slow_after.append({k: v.clone() for k, v in self.slow.items()})
+
+    monkeypatch.setattr(hw2.Lookahead, "update", spy)
+    data = _data(n_train=7 * 32)  # 7 steps per epoch, 2 epochs: updates at steps 5, 10 and 14
+    model, _ = hw2.train(data, dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 2, 32, log=_quiet)
+    assert len(slow_after) == 3
+    before_last, last = slow_after[-2], slow_after[-1]
+    w = "groups.2.conv3.weight"
+    assert not torch.equal(last[w], before_last[w])  # steps 11-14 are in the final weights
+
+
+# ---------------------------------------------------------------- fp16 loss scale
+def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
+    """Batch 1024 of real images, the `fast` net at init, fp32 on the CPU. Under CUDA autocast the
+    weight gradients are computed in fp16: times the chosen scale they must stay 4x below fp16's
+    max (PyTorch's default 65536 overflows: the first steps would be skipped). The activation
+    gradients are fp16 too: scaled, nearly all must stay above fp16's smallest subnormal."""
+    torch.manual_seed(0)
+    x, y, _ = hw2.load_cifar_train(cifar_dir)
+    hp = hw2.PRESETS["fast"]
+    images = hw2.normalize(torch.from_numpy(x[:1024])).contiguous(memory_format=torch.channels_last)
+    labels = torch.from_numpy(y[:1024])
+    model = hw2.Net(hp["widths"], hp["residual"]).to(memory_format=torch.channels_last)
+    hw2.init_whitening(model.whiten, images)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"], reduction="sum")
+    scale = hw2.fp16_loss_scale(1024)
+    counts = dict(nonzero=0, lost=0, lost_unscaled=0)
+
+    def count(g):
+        g = g.abs()
+        counts["nonzero"] += int((g > 0).sum())
+        counts["lost"] += int(((g > 0) & (g * scale < 2.0 ** -25)).sum())  # rounds to 0 in fp16
+        counts["lost_unscaled"] += int(((g > 0) & (g < 2.0 ** -25)).sum())
+
+    def on_output(module, inputs, output):
+        output.register_hook(count)  # (a forward hook that returned something would replace the output)
+
+    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for chunk in range(4):  # 4 x 256 = the gradient of one batch of 1024 (summed loss), less memory
+        sl = slice(256 * chunk, 256 * (chunk + 1))
+        loss_fn(model(images[sl]), labels[sl]).backward()
+    for h in hooks:
+        h.remove()
+    grad_max = max(p.grad.abs().max().item() for n, p in model.named_parameters()
+                   if p.grad is not None and "norm" not in n)
+    print(f"fp16 range, fast net at init: weight grad max {grad_max:.1f}, scale {scale:g}, {counts}")
+    assert grad_max <= hw2.GRAD_MAX_PER_1024  # the constant covers this measurement
+    assert scale * grad_max * 4 <= hw2.FP16_MAX, (scale, grad_max)
+    assert 65536 * grad_max > hw2.FP16_MAX  # PyTorch's default scale would overflow: the bug
+    assert counts["lost"] < 0.01 * counts["nonzero"], counts
+    assert counts["lost"] < counts["lost_unscaled"], counts  # the scale does save small gradients
+
+
+def test_fp16_loss_scale_follows_the_batch():
+    assert hw2.fp16_loss_scale(512) == 2 * hw2.fp16_loss_scale(1024)
+    for b in (32, 512, 1024):
+        s = hw2.fp16_loss_scale(b)
+        assert s * hw2.GRAD_MAX_PER_1024 * b / 1024 * 4 <= hw2.FP16_MAX < 2 * s * hw2.GRAD_MAX_PER_1024 * b / 1024 * 4
+        assert s == 2.0 ** round(np.log2(s))
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
+    saves = []
+    real = hw2.save_torch
+    monkeypatch.setattr(hw2, "save_torch", lambda path, obj: (saves.append(sorted(obj)), real(path, obj)))
+    stats = {}
+    hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path, checkpoint_every=3600.0), 3, 32,
+              log=_quiet, stats=stats)
+    assert len(saves) == 1  # 3 epochs in far less than an hour: only the final one
+    assert "opt" not in saves[0] and "slow" not in saves[0] and "model" in saves[0]
+    assert stats["checkpoint"]["saves"] == 1
+    assert stats["checkpoint"]["bytes"] == os.path.getsize(tmp_path / "checkpoint.pt")
+    saves.clear()
+    hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path, checkpoint_every=0.0), 3, 32, log=_quiet)
+    assert len(saves) == 3 and "opt" in saves[0] and "opt" not in saves[2]
+
+
+def _state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch):
+    data, hp = _data(), dict(hw2.PRESETS["smoke"])
+    os.makedirs(tmp_path / "a")
+    ref, ref_hist = hw2.train(data, hp, CPU, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
+    os.makedirs(tmp_path / "b")
+    real = hw2.save_torch
+
+    def save_then_die(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt  # Kaggle kills the session right after epoch 1's checkpoint
+
+    monkeypatch.setattr(hw2, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hw2.train(data, hp, CPU, _cfg(tmp_path / "b"), 3, 32, log=_quiet)
+    monkeypatch.setattr(hw2, "save_torch", real)
+    assert hw2.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["epoch"] == 0
+    lines = []
+    resumed, hist = hw2.train(data, hp, CPU, _cfg(tmp_path / "b", resume=True), 3, 32, log=lines.append)
+    assert lines[0].startswith("resumed from") and len(hist) == 3
+    assert _state_equal(resumed.state_dict(), ref.state_dict())
+    assert [(r["train_loss"], r["val_acc"]) for r in hist] == [(r["train_loss"], r["val_acc"]) for r in ref_hist]
+    assert torch.equal(hw2.predict_logits(resumed, data["val_x"], "cpu", "fp32", tta=2),
+                       hw2.predict_logits(ref, data["val_x"], "cpu", "fp32", tta=2))
+
+
+# ---------------------------------------------------------------- BatchNorm statistics
+def test_batchnorm_statistics_describe_the_final_weights(tmp_path):
+    """After training, the first BatchNorm's running mean/var are those of its input under the
+    final weights (computed here directly from the layers before it), not a trailing average."""
+    data = _data(n_train=640)
+    model, _ = hw2.train(data, dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 2, 32, log=_quiet)
+    g0 = model.groups[0]
+    with torch.no_grad():
+        x = hw2.normalize(torch.from_numpy(data["train_x"])).contiguous(memory_format=torch.channels_last)
+        h = g0.pool(g0.conv1(F.gelu(model.whiten(x))))  # the input of groups[0].norm1
+    mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3))
+    assert torch.allclose(g0.norm1.running_mean, mean, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(g0.norm1.running_var, var, atol=1e-4, rtol=1e-3)
+    assert not model.training  # left in eval mode
+
+
+# ---------------------------------------------------------------- FLOP counter
+def _conv_macs(c_in, c_out, k, hw):
+    return c_in * c_out * k * k * hw * hw
+
+
+def test_flop_counter_matches_the_hand_count():
+    """Net((8, 16, 16)) by hand: 2 FLOPs per multiply-add; backward needs the weight gradient of
+    every trainable conv/linear and the input gradient of every layer whose input needs one."""
+    w0, w1, w2 = 8, 16, 16
+    whiten = _conv_macs(3, 24, 2, 31)
+    g0 = [_conv_macs(24, w0, 3, 31), _conv_macs(w0, w0, 3, 15), _conv_macs(w0, w0, 3, 15)]
+    g1 = [_conv_macs(w0, w1, 3, 15), _conv_macs(w1, w1, 3, 7), _conv_macs(w1, w1, 3, 7)]
+    g2 = [_conv_macs(w1, w2, 3, 7), _conv_macs(w2, w2, 3, 3), _conv_macs(w2, w2, 3, 3)]
+    head = w2 * 10
+    trainable = g0 + g1 + g2 + [head]
+    fwd = whiten + sum(trainable)
+    # frozen stem: no gradient flows into or through it; groups[0].conv1's input needs none either
+    bwd_frozen = sum(trainable) + sum(trainable) - g0[0]
+    # stem bias training: groups[0].conv1 must pass a gradient down (the stem's own conv needs
+    # no weight or input gradient: its bias gradient is a sum)
+    bwd_bias = bwd_frozen + g0[0]
+    hp = dict(widths=(w0, w1, w2), residual=(True, True, True), whiten_bias_epochs=1)
+    frozen, warm = hw2.count_flops(hp), hw2.count_flops(hp, whiten_bias_trains=True)
+    assert frozen["forward_per_image"] == 2 * fwd
+    assert frozen["train_per_image"] == 2 * (fwd + bwd_frozen)
+    assert warm["train_per_image"] == 2 * (fwd + bwd_bias)
+    run = hw2.count_run_flops(hp, 3, 1000)
+    assert run["train_run"] == 1000 * (2 * (fwd + bwd_bias) + 2 * 2 * (fwd + bwd_frozen))
+
+
+def test_full_preset_flops_are_the_issue_figure():
+    # the hand estimate in the issue: 0.62 G multiply-adds forward, x3 with backward, 30 x 50k
+    f = hw2.count_flops(hw2.PRESETS["full"])
+    assert 0.60e9 < f["forward_per_image"] / 2 < 0.63e9
+    assert 5.3e15 < f["train_per_image"] * 30 * 50000 < 5.6e15
+
+
+# ---------------------------------------------------------------- determinism
+def test_deterministic_flag_and_env(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    assert hw2.parse_config([]).deterministic is False
+    assert hw2.parse_config(["--deterministic"]).deterministic is True
+    monkeypatch.setenv("HW2_DETERMINISTIC", "1")
+    assert hw2.parse_config([]).deterministic is True
+    monkeypatch.setenv("HW2_DETERMINISTIC", "sometimes")
+    with pytest.raises(hw2.HW2Error, match="HW2_DETERMINISTIC"):
+        hw2.parse_config([])
+
+
+def test_configure_determinism_sets_every_switch(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    try:
+        hw2.configure_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        hw2.configure_determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
+
+
+def test_model_trains_under_deterministic_algorithms(tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        model, hist = hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 1, 32, log=_quiet)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(hist) == 1
+
+
+# Backward kernels that torch.use_deterministic_algorithms refuses on CUDA (torch docs, "throws
+# RuntimeError when mode=True"), which the CPU cannot flag: a training step must call none of them.
+CUDA_NONDETERMINISTIC = (
+    "adaptive_max_pool2d_backward", "adaptive_avg_pool3d_backward", "max_pool3d_with_indices_backward",
+    "reflection_pad1d_backward", "reflection_pad2d_backward", "replication_pad2d_backward",
+    "fractional_max_pool2d_backward", "upsample_bilinear2d_backward", "nll_loss2d_forward",
+    "embedding_bag", "index_add", "put_", "scatter_reduce", "histc", "bincount")
+
+
+def test_training_step_calls_no_cuda_nondeterministic_kernel():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
+    model.whiten.bias.requires_grad = True
+    x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
+    with Ops() as ops:
+        loss_fn(model(x.contiguous(memory_format=torch.channels_last)), torch.tensor([0, 1, 2, 3])).backward()
+    assert "convolution_backward" in ops.seen  # the probe sees the backward pass
+    assert not ops.seen & set(CUDA_NONDETERMINISTIC), ops.seen & set(CUDA_NONDETERMINISTIC)
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon"])
+def test_checkpoint_every_rejects_bad_values(bad, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    with pytest.raises((hw2.HW2Error, SystemExit)):
+        hw2.parse_config(["--checkpoint-every", bad])
+    monkeypatch.setenv("HW2_CHECKPOINT_EVERY", bad)
+    with pytest.raises(hw2.HW2Error, match="HW2_CHECKPOINT_EVERY|--checkpoint-every"):
+        hw2.parse_config([])
+
+
+# ---------------------------------------------------------------- the fast preset
+def test_fast_preset_is_airbench94_shaped_and_falls_back_on_cpu():
+    fast, full = hw2.PRESETS["fast"], hw2.PRESETS["full"]
+    assert fast.keys() == full.keys()
+    assert fast["widths"] == (64, 256, 256) and fast["epochs"] < full["epochs"]
+    ratio = hw2.count_flops(fast)["train_per_image"] / hw2.count_flops(full)["train_per_image"]
+    assert 0.2 < ratio < 0.3
+    plan = hw2.select_hardware("auto", (6, 0), ["sm_75"], preset="fast")  # unusable GPU
+    assert plan["device"] == "cpu" and plan["preset"] == "quick"
+    assert hw2.select_hardware("auto", (7, 5), ["sm_75"], preset="fast")["preset"] == "fast"
+
+
+def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
+    test = np.random.default_rng(3).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "test.npy", test)
+    out = tmp_path / "out"
+    # --device cpu: without it a machine with no usable GPU swaps the GPU presets for `quick`
+    proc = run_hw2("--preset", "fast", "--device", "cpu", "--epochs", "1", "--val-size", "200",
+                   "--data-dir", tiny_cifar_dir, "--test-npy", tmp_path / "test.npy", "--output-dir", out,
+                   "--deterministic")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    sub = pd.read_csv(out / "submission.csv")
+    assert sub["Id"].tolist() == list(range(20)) and sub["Category"].between(0, 9).all()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preset"] == "fast" and m["epochs"] == 1 and m["batch_size"] == 1024 and m["deterministic"] is True
+    assert m["submission_sha256"] == hashlib.sha256((out / "submission.csv").read_bytes()).hexdigest()
+    for key in ("torch", "cuda", "cudnn", "device_name", "seed", "compile"):
+        assert key in m, key
+    flops = hw2.count_flops(hw2.PRESETS["fast"], whiten_bias_trains=True)
+    assert m["flops"]["train_run"] == 800 * flops["train_per_image"]  # 1000 - 200 val, one batch
+    assert m["checkpoint"]["saves"] == 1 and m["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")
+    assert "deterministic True" in proc.stdout

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Helper of tools/device_check.sh: one JSON line per hw2.py run, and the summary of a whole call.
+
+    device_summary.py run NAME METRICS_JSON T0 T1 "FLAGS"   -> one JSON line on stdout
+    device_summary.py line  < one JSON line                 -> one readable line
+    device_summary.py summary RUNS_JSONL LOG                -> what BENCHMARKS.md needs, per question
+
+Peak dense fp16 tensor-core rates (vendor data sheets, TFLOP/s) turn the achieved rate into a
+utilisation, which the T4 projection assumes carries over: an estimate, labelled as such.
+"""
+import json
+import re
+import statistics
+import sys
+
+PEAK_FP16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}
+
+
+def peak(name):
+    return next((v for k, v in PEAK_FP16_TFLOPS.items() if k in (name or "")), None)
+
+
+def run(name, metrics_path, t0, t1, flags):
+    m = json.load(open(metrics_path))
+    s, hist = m["seconds"], m["history"]
+    flops = m.get("flops") or {}
+    later = [r["seconds"] for r in hist[1:]] or [r["seconds"] for r in hist]
+    per_epoch = flops.get("train_run", 0) / max(1, len(hist))
+    row = dict(name=name, flags=flags, device=m["device_name"], torch=m["torch"], cuda=m.get("cuda"),
+               cudnn=m.get("cudnn"), preset=m["preset"], seed=m["seed"], epochs=m["epochs"],
+               deterministic=m.get("deterministic"), compile=m.get("compile"), acc=m["test_acc"],
+               train_s=s["train"], predict_s=s["predict"], whole_s=round(float(t1) - float(t0), 1) if float(t0) else None,
+               sha256=m.get("submission_sha256"), flops_run=flops.get("train_run"),
+               tflops_train=float(f"{flops['train_run'] / s['train'] / 1e12:.3g}") if flops and s["train"] else None,
+               tflops_epoch=float(f"{per_epoch / statistics.median(later) / 1e12:.3g}") if flops else None,
+               first_epoch_s=hist[0]["seconds"] if hist else None, checkpoint=m.get("checkpoint"),
+               fp16_scale=m.get("fp16_scale"))
+    print(json.dumps(row))
+
+
+def line(r):
+    if r.get("failed"):
+        return f"RUN {r['name']} FAILED"
+    return (f"RUN {r['name']} | {r['device']} | {r['preset']} seed {r['seed']} | acc {r['acc']:.4f} | "
+            f"train {r['train_s']:.1f} s + predict {r['predict_s']:.1f} s | whole {r['whole_s']} s | "
+            f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
+            f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
+            f"checkpoint {r['checkpoint']} | det {r['deterministic']} compile {r['compile']} | sha {str(r['sha256'])[:12]}")
+
+
+def mean_sd(v):
+    return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+
+def summary(runs_path, log_path):
+    runs = [json.loads(x) for x in open(runs_path) if x.strip()]
+    ok = {r["name"]: r for r in runs if not r.get("failed")}
+    out = ["# device_check summary", ""]
+    anchors = [x.strip() for x in open(log_path, errors="replace") if x.startswith(("ANCHOR", "HW2 "))]
+    out += ["## side by side (harness lines)"] + anchors + [""]
+    out.append("## presets (mean ± sd over seeds; train + predict seconds per run)")
+    for preset in ("full", "fast"):
+        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+", n)]
+        if rs:
+            a, sd = mean_sd([r["acc"] for r in rs])
+            tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
+            out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
+                       f"{rs[0]['device']} | torch {rs[0]['torch']}")
+    out += ["", "## determinism (same seed twice on this card)"]
+    for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0_det", "fast_s0_det_again")):
+        if a in ok and b in ok:
+            same = ok[a]["sha256"] == ok[b]["sha256"] and ok[a]["sha256"] is not None
+            out.append(f"{a} vs {b}: submission.csv {'IDENTICAL' if same else 'DIFFERENT'} "
+                       f"({ok[a]['sha256']} / {ok[b]['sha256']})")
+    base = [ok[n]["train_s"] + ok[n]["predict_s"] for n in ("fast_s0", "fast_s0_again") if n in ok]
+    det = [ok[n]["train_s"] + ok[n]["predict_s"] for n in ("fast_s0_det", "fast_s0_det_again") if n in ok]
+    if base and det:
+        cost = statistics.mean(det) / statistics.mean(base) - 1
+        out.append(f"--deterministic costs {100 * cost:+.1f} % train+predict on fast "
+                   f"({statistics.mean(det):.1f} vs {statistics.mean(base):.1f} s): default it on if <= +10 %")
+    out += ["", "## --compile (whole process includes compiling)"]
+    for preset in ("fast", "full"):
+        a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_compile")
+        if a and b:
+            out.append(f"{preset}: eager train+predict {a['train_s'] + a['predict_s']:.1f} s, whole {a['whole_s']} s | "
+                       f"compiled train+predict {b['train_s'] + b['predict_s']:.1f} s, whole {b['whole_s']} s | "
+                       f"acc {a['acc']:.4f} vs {b['acc']:.4f}")
+    out += ["", "## achieved TFLOP/s and the T4 projection (estimate)"]
+    for preset in ("full", "fast"):
+        r = ok.get(f"{preset}_s0")
+        if r and r["tflops_train"]:
+            p = peak(r["device"])
+            util = r["tflops_epoch"] / p if p else None
+            line_ = (f"{preset}: {r['flops_run'] / 1e15:.3f} PFLOP counted; {r['tflops_train']} TFLOP/s over the "
+                     f"train time, {r['tflops_epoch']} TFLOP/s in a median later epoch on {r['device']}")
+            if util:
+                t4 = r["flops_run"] / (util * PEAK_FP16_TFLOPS["T4"] * 1e12)
+                line_ += (f" = {100 * util:.1f} % of its {p:.0f} TFLOP/s fp16 peak; a T4 at the same utilisation "
+                          f"of its 65 TFLOP/s: {t4:.0f} s of training (ESTIMATE)")
+            out.append(line_)
+    out += ["", "## every run"] + [line(r) for r in runs]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "run":
+        run(*sys.argv[2:7])
+    elif cmd == "line":
+        print(line(json.loads(sys.stdin.read())))
+    elif cmd == "summary":
+        summary(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(f"unknown command {cmd}")
