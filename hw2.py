@@ -27,7 +27,7 @@
 # |---|---|---|---|---|
 # | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 30 epochs | 29 s on an H200; ≈ 4–6 min estimated on a T4 | 0.934 |
 # | `fast` | GPU, time-to-94 % | same family, 64/256/256 channels, 8 epochs (provisional: not yet tuned on a card) | ≈ ¼ of `full`'s FLOPs | not yet measured |
-# | `quick` (default on CPU) | 2-core CPU | same family, 16/64/128 channels, 8 epochs | ≈ 4.5 min for the whole script | see `BENCHMARKS.md` |
+# | `quick` (default on CPU) | 2-core CPU | same family, 16/64/128 channels, 8 epochs | 2.7–4.5 min for the whole script, by CPU | see `BENCHMARKS.md` |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
 #
 # **Run it.** On Kaggle: add the competition data, switch the accelerator to *GPU T4 ×2* (both
