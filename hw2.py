@@ -189,24 +189,15 @@ def _env_flag(name, default=None):
     return default if value is None or value.strip() == "" else value  # empty means unset
 
 
-def _env_int(name, default=None):
+def _env_number(name, default=None, kind=int):
     value = _env_flag(name)
     if value is None:
         return default
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise HW2Error(f"environment variable HW2_{name.upper()}={value!r}: expected an integer") from None
-
-
-def _env_float(name, default=None):
-    value = _env_flag(name)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise HW2Error(f"environment variable HW2_{name.upper()}={value!r}: expected a number") from None
+        expected = "an integer" if kind is int else "a number"
+        raise HW2Error(f"environment variable HW2_{name.upper()}={value!r}: expected {expected}") from None
 
 
 def _env_choice(name, choices, default=None):
@@ -238,8 +229,8 @@ def build_parser():
         epilog="Every flag can also be set as an environment variable HW2_<FLAG>, e.g. HW2_PRESET=quick.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=_env_choice("preset", sorted(PRESETS)),
                    help="training recipe (default: full on a GPU, quick on the CPU)")
-    p.add_argument("--epochs", type=int, default=_env_int("epochs"), help="override the preset's epochs")
-    p.add_argument("--seed", type=int, default=_env_int("seed", 0))
+    p.add_argument("--epochs", type=int, default=_env_number("epochs"), help="override the preset's epochs")
+    p.add_argument("--seed", type=int, default=_env_number("seed", 0))
     p.add_argument("--device", choices=DEVICES, default=_env_choice("device", DEVICES, "auto"),
                    help="auto: a working GPU, else the CPU quick preset")
     p.add_argument("--precision", choices=PRECISIONS, default=_env_choice("precision", PRECISIONS, "auto"),
@@ -250,7 +241,7 @@ def build_parser():
                    default=_truthy(_env_flag("deterministic"), "deterministic"),
                    help="deterministic GPU kernels (no cuDNN autotuning): same seed + same GPU + same "
                         "torch => byte-identical submission.csv; CPU runs are always deterministic")
-    p.add_argument("--checkpoint-every", type=float, default=_env_float("checkpoint_every", 60.0),
+    p.add_argument("--checkpoint-every", type=float, default=_env_number("checkpoint_every", 60.0, float),
                    metavar="SECONDS", help="write checkpoint.pt at the first epoch end this long after "
                                            "the last one (0: every epoch) and after the last epoch")
     p.add_argument("--data-dir", default=_env_flag("data_dir"),
@@ -260,7 +251,7 @@ def build_parser():
                         "/kaggle/input/, wherever it is mounted)")
     p.add_argument("--output-dir", default=_env_flag("output_dir"),
                    help="where outputs go (default /kaggle/working on Kaggle, else ./outputs)")
-    p.add_argument("--val-size", type=int, default=_env_int("val_size"),
+    p.add_argument("--val-size", type=int, default=_env_number("val_size"),
                    help="validation images carved from train (default 0 when a test.npy is "
                         "predicted, else 5000)")
     p.add_argument("--answers-only", action="store_true",
