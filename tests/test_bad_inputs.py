@@ -369,6 +369,21 @@ def test_explicit_data_dir_is_never_replaced_by_cwd_data(tmp_path, tiny_cifar_di
     assert "from ./data" not in res.stdout
 
 
+@pytest.mark.parametrize("args,named,phrase", [
+    (["--data-dir", "{t}/nope"], "{t}/nope", "no such directory"),
+    (["--data-dir", "{t}"], "{t}", "no CIFAR-10 batch files"),
+    (["--test-npy", "{t}/nope.npy"], "{t}/nope.npy", "no such file"),
+    (["--resume"], "{t}/out/checkpoint.pt", "does not exist"),
+    (["--predict-only"], "{t}/out/model.pt", "does not exist"),
+], ids=["data_dir_missing", "data_dir_empty", "test_npy_missing", "resume", "predict_only"])
+def test_bad_paths_fail_before_the_answers(args, named, phrase, tmp_path):
+    # a typo must not cost the ~9 s of Problems 1-3 first: nothing of Problem 1 is printed
+    out = tmp_path / "out"
+    res = smoke(out, *[a.format(t=tmp_path) for a in args])
+    assert_clean_failure(res, out, named.format(t=tmp_path), phrase)
+    assert "Problem 1" not in res.stdout, res.stdout[-2000:]
+
+
 def test_env_var_data_dir_gives_the_same_error_as_the_flag(tmp_path):
     bad = str(tmp_path / "nope")
     flag = smoke(tmp_path / "out1", "--data-dir", bad)

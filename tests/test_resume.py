@@ -83,6 +83,15 @@ def test_base_run_positive_control(base):
     assert [int(line.split()[0]) for line in epoch_lines(base["res"].stdout)] == [1, 2]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and metrics["n_test"] == 50
+    # the CPU kind decides precision and epochs, so the run records it (issue #10)
+    native = hw2.cpu_native_bf16()
+    assert metrics["precision"] == ("bf16" if native else "fp32")
+    assert metrics["cpu"]["native_bf16"] is native and metrics["cpu"]["name"] == hw2.cpu_name()
+    assert metrics["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability() and metrics["cpu"]["threads"] >= 1
+    # model.pt keeps the net's shape, which --predict-only rebuilds (quick's differs in fp32)
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert (tuple(saved["widths"]), tuple(saved["residual"])) == \
+        (hw2.PRESETS["smoke"]["widths"], hw2.PRESETS["smoke"]["residual"])
 
 
 def test_resume_after_last_epoch_trains_nothing(base, run_copy):

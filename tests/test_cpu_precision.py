@@ -1,0 +1,180 @@
+"""The CPU's precision (issue #10): bf16 autocast where the CPU computes bf16 natively (AVX512-BF16
+or AMX), fp32 elsewhere with the `quick` preset's cheaper fp32 recipe, and byte-identical reruns either way."""
+import argparse
+import os
+import platform
+
+import pytest
+import torch
+
+import hw2
+
+sel = hw2.select_hardware
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
+                checkpoint_every=0.0, deterministic=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _data(n_train=320, n_val=64, seed=0):
+    x, y = hw2.synthetic_cifar(n_train + n_val, seed=seed)
+    return dict(train_x=x[:n_train], train_y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
+
+
+def _quiet(s):
+    pass
+
+
+# ------------------------------------------------------------------ the choice (pure)
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_cpu_auto_precision_follows_native_bf16(native, expected):
+    for device in ("auto", "cpu"):
+        plan = sel(device, None, [], cpu_bf16=native)
+        assert plan["device"] == "cpu" and plan["precision"] == expected and plan["preset"] == "quick"
+
+
+def test_unusable_gpu_falls_back_to_cpu_bf16_where_native():
+    plan = sel("auto", (6, 0), ["sm_75"], cpu_bf16=True)
+    assert (plan["device"], plan["precision"], plan["preset"]) == ("cpu", "bf16", "quick")
+
+
+def test_cpu_explicit_bf16_needs_native_support():
+    assert sel("cpu", None, [], precision="bf16", cpu_bf16=True)["precision"] == "bf16"
+    with pytest.raises(hw2.HW2Error) as err:
+        sel("cpu", None, [], precision="bf16", cpu_bf16=False)
+    msg = str(err.value)
+    assert msg.startswith("--precision bf16: ") and "no native bf16" in msg and "--precision fp32" in msg
+    assert "\n" not in msg
+
+
+def test_cpu_fp16_is_refused_even_with_native_bf16():
+    with pytest.raises(hw2.HW2Error, match="--precision fp16: needs a CUDA GPU"):
+        sel("cpu", None, [], precision="fp16", cpu_bf16=True)
+
+
+def test_cpu_explicit_fp32_is_kept_on_a_bf16_cpu():
+    assert sel("cpu", None, [], precision="fp32", cpu_bf16=True)["precision"] == "fp32"
+
+
+def test_gpu_choice_ignores_the_cpu():
+    for native in (True, False):
+        assert sel("auto", (7, 5), ["sm_75"], cpu_bf16=native)["precision"] == "fp16"
+        with pytest.raises(hw2.HW2Error, match="sm_80"):
+            sel("auto", (7, 5), ["sm_75"], precision="bf16", cpu_bf16=native)
+
+
+def test_choose_hardware_uses_the_detected_cpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    cfg = argparse.Namespace(device="auto", precision="auto", compile=False, preset=None, gpus="auto")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hw2, "cpu_native_bf16", lambda: native)
+        assert hw2.choose_hardware(cfg)["precision"] == expected
+    cfg.precision = "bf16"
+    with pytest.raises(hw2.HW2Error, match="no native bf16"):
+        hw2.choose_hardware(cfg)
+
+
+# ------------------------------------------------------------------ detection
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_native_bf16_detection_agrees_with_the_kernel():
+    """torch's CPU probe against the kernel's own flag list: an independent route to the same fact."""
+    flags = _cpuinfo_flags()
+    if flags is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs /proc/cpuinfo on an x86-64 CPU")
+    assert hw2.cpu_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+# ------------------------------------------------------------------ the epochs
+
+def test_quick_takes_its_fp32_recipe_on_a_cpu_in_fp32_only():
+    quick = hw2.PRESETS["quick"]
+    fp32 = quick["cpu_fp32"]
+    cpu = lambda p: dict(device="cpu", precision=p)
+    # fp32 steps cost more: a cheaper run (fewer image-FLOPs) than the bf16 recipe
+    cost = lambda hp: hw2.count_flops(hp)["train_per_image"] * hp["epochs"]
+    bf16_hp, fp32_hp = hw2.preset_hparams("quick", cpu("bf16")), hw2.preset_hparams("quick", cpu("fp32"))
+    assert cost(fp32_hp) < 0.5 * cost(bf16_hp)
+    assert {k: bf16_hp[k] for k in fp32} == {k: quick[k] for k in fp32}
+    assert {k: fp32_hp[k] for k in fp32} == fp32
+    assert {k: v for k, v in fp32_hp.items() if k not in fp32} == \
+        {k: v for k, v in bf16_hp.items() if k not in fp32}  # only the net and its length change
+    # a GPU in fp32 is fast enough for the main recipe
+    assert hw2.preset_hparams("quick", dict(device="cuda", precision="fp32")) == bf16_hp
+    for name in hw2.PRESETS:  # the key is consumed, never passed on as a hyperparameter
+        assert "cpu_fp32" not in hw2.preset_hparams(name, cpu("fp32"))
+    assert hw2.preset_hparams("smoke", cpu("fp32")) == hw2.PRESETS["smoke"]
+
+
+# ------------------------------------------------------------------ bf16 is really used
+
+def test_cpu_bf16_autocast_runs_the_convolutions_in_bf16():
+    model = hw2.Net(**{k: hw2.PRESETS["smoke"][k] for k in ("widths", "residual")}).eval()
+    seen = []
+    model.groups[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(4, 3, 32, 32)
+    for precision in ("bf16", "fp32"):
+        with torch.no_grad(), hw2.autocast_ctx("cpu", precision):
+            model(x)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+# ------------------------------------------------------------------ reproducible in both precisions
+
+def _state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_same_seed_twice_and_killed_then_resumed_are_bitwise_identical(tmp_path, monkeypatch, precision):
+    hw = dict(device="cpu", precision=precision, compile=False)
+    data, hp = _data(), dict(hw2.PRESETS["smoke"])
+    runs = []
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        runs.append(hw2.train(data, hp, hw, _cfg(tmp_path / name), 3, 32, log=_quiet))
+    (ref, ref_hist), (again, _) = runs
+    assert _state_equal(ref.state_dict(), again.state_dict())
+
+    os.makedirs(tmp_path / "c")
+    real = hw2.save_torch
+
+    def save_then_die(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt  # killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(hw2, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hw2.train(data, hp, hw, _cfg(tmp_path / "c"), 3, 32, log=_quiet)
+    monkeypatch.setattr(hw2, "save_torch", real)
+    resumed, hist = hw2.train(data, hp, hw, _cfg(tmp_path / "c", resume=True), 3, 32, log=_quiet)
+    assert _state_equal(resumed.state_dict(), ref.state_dict())
+    assert [r["train_loss"] for r in hist] == [r["train_loss"] for r in ref_hist]
+    logits = [hw2.predict_logits(m, data["val_x"], "cpu", precision, tta=2) for m in (ref, again, resumed)]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+def test_bf16_and_fp32_training_really_differ(tmp_path):
+    """Positive control for the test above: the precision reaches the training step."""
+    data, hp = _data(), dict(hw2.PRESETS["smoke"])
+    states = []
+    for precision in ("bf16", "fp32"):
+        os.makedirs(tmp_path / precision)
+        hw = dict(device="cpu", precision=precision, compile=False)
+        states.append(hw2.train(data, hp, hw, _cfg(tmp_path / precision), 1, 32, log=_quiet)[0].state_dict())
+    assert not _state_equal(*states)
