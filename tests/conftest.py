@@ -22,6 +22,32 @@ def run_hw2(*args, env=None, timeout=600, cwd=None):
                           cwd=cwd or ROOT)
 
 
+def train_cfg(tmp_path, **kw):
+    """The config `hw2.train` reads, for calling it directly (smoke preset, checkpoint every epoch)."""
+    import argparse
+    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
+                checkpoint_every=0.0, deterministic=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def train_data(n_train=320, n_val=64, seed=0):
+    """Synthetic train/val arrays in the layout `hw2.load_data` returns."""
+    import hw2
+    x, y = hw2.synthetic_cifar(n_train + n_val, seed=seed)
+    return dict(train_x=x[:n_train], train_y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
+
+
+def quiet(line):
+    """A `log` for `hw2.train` that prints nothing."""
+
+
+def state_equal(a, b):
+    """Two state dicts hold the same keys and bitwise-equal tensors."""
+    import torch
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     """The real training batches made from ../shared's JPEG copy (skipped without it, CI fails)."""

@@ -8,24 +8,9 @@ import pytest
 import torch
 
 import hw2
+from conftest import quiet as _quiet, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 sel = hw2.select_hardware
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
-                checkpoint_every=0.0, deterministic=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def _data(n_train=320, n_val=64, seed=0):
-    x, y = hw2.synthetic_cifar(n_train + n_val, seed=seed)
-    return dict(train_x=x[:n_train], train_y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
-
-
-def _quiet(s):
-    pass
 
 
 # ------------------------------------------------------------------ the choice (pure)
@@ -135,9 +120,6 @@ def test_cpu_bf16_autocast_runs_the_convolutions_in_bf16():
 
 
 # ------------------------------------------------------------------ reproducible in both precisions
-
-def _state_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

@@ -1,7 +1,6 @@
 """The GPU recipe's moving parts, on the CPU and on real code paths (issue #7): OOM retry, the final
 lookahead step, fp16 loss scale, checkpoint cost, BatchNorm statistics, FLOP counter, determinism,
 and the `fast` preset end to end."""
-import argparse
 import gc
 import hashlib
 import json
@@ -15,25 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import hw2
-from conftest import run_hw2
+from conftest import quiet as _quiet, run_hw2, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 CPU = dict(device="cpu", precision="fp32", compile=False)
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
-                checkpoint_every=0.0, deterministic=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def _data(n_train=320, n_val=64, seed=0):
-    x, y = hw2.synthetic_cifar(n_train + n_val, seed=seed)
-    return dict(train_x=x[:n_train], train_y=y[:n_train], val_x=x[n_train:], val_y=y[n_train:])
-
-
-def _quiet(s):
-    pass
 
 
 # ---------------------------------------------------------------- OOM retry
@@ -175,10 +158,6 @@ def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
     saves.clear()
     hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path, checkpoint_every=0.0), 3, 32, log=_quiet)
     assert len(saves) == 3 and "opt" in saves[0] and "opt" not in saves[2]
-
-
-def _state_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch):
