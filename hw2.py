@@ -1911,7 +1911,7 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
         raise HW2Error("--precision fp16: needs a CUDA GPU; on the CPU use bf16 (CPUs with AVX512-BF16 "
                        "or AMX) or fp32, or leave it at auto")
     if precision == "bf16" and not use_cuda and not cpu_bf16:
-        # oneDNN would emulate bf16 in fp32 units: slower than fp32 and less accurate, and the
+        # oneDNN would emulate bf16 in fp32 units, slower than fp32 (BENCHMARKS.md), and the
         # quick preset's bf16 recipe is sized for native bf16, so the run would overshoot 6 minutes
         raise HW2Error("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where "
                        "torch emulates it more slowly than fp32: use --precision fp32 or auto")
