@@ -2181,9 +2181,9 @@ def count_run_flops(hp, epochs, images_per_epoch):
 
 
 if RUN and not CFG.answers_only:
-    _hp = preset_hparams(CFG.preset, HW)
-    _m = Net(_hp["widths"], _hp["residual"])
-    print(f"model: Net(widths={_hp['widths']}) with {count_params(_m):,} parameters")
+    HP = preset_hparams(CFG.preset, HW)  # the recipe for this hardware (quick differs in fp32)
+    _m = Net(HP["widths"], HP["residual"])
+    print(f"model: Net(widths={HP['widths']}) with {count_params(_m):,} parameters")
     del _m
 
 # %% [markdown]
@@ -2322,9 +2322,7 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
         DIST.average_buffers(model)  # the final BN recompute may differ in the last bits per GPU
         if rank == 0:
             save_torch(os.path.join(cfg.output_dir, "model.pt"),
-                       dict(model=model.state_dict(), preset=cfg.preset, history=history,
-                            batch_size=batch_size, world_size=world, train_stats=stats,
-                            widths=hp["widths"], residual=hp["residual"]))
+                       model_record(model, cfg, hp, history, batch_size, world_size=world, train_stats=stats))
         return model, history
     finally:
         DIST = SingleProcess()
@@ -2563,6 +2561,12 @@ def _checkpoint(model, lookahead, opt, scaler, epoch, step, history, base_flip, 
     return ck
 
 
+def model_record(model, cfg, hp, history, batch_size, **extra):
+    """What model.pt holds: the weights and what --predict-only needs to rebuild and label them."""
+    return dict(model=model.state_dict(), preset=cfg.preset, history=history, batch_size=batch_size,
+                widths=hp["widths"], residual=hp["residual"], **extra)
+
+
 def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
@@ -2756,7 +2760,6 @@ def train_with_oom_retry(data, hp, hw, cfg, stats=None):
 
 
 if RUN and not CFG.answers_only:
-    HP = preset_hparams(CFG.preset, HW)
     print(f"run: preset {CFG.preset} | seed {CFG.seed} | device {HW['device']} ({HW['name']}) | "
           f"precision {HW['precision']} | torch {torch.__version__} | epochs {CFG.epochs or HP['epochs']}"
           f" | deterministic {CFG.deterministic}")
@@ -2782,8 +2785,7 @@ if RUN and not CFG.answers_only:
     else:
         MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG, TRAIN_STATS)
         save_torch(os.path.join(CFG.output_dir, "model.pt"),
-                   dict(model=MODEL.state_dict(), preset=CFG.preset, history=HISTORY, batch_size=BATCH_SIZE,
-                        widths=HP["widths"], residual=HP["residual"]))
+                   model_record(MODEL, CFG, HP, HISTORY, BATCH_SIZE))
     T_TRAIN = time.time() - T0
 
 if __name__ == "__main__" and TORCHRUN_RANK:  # ranks 1.. of torchrun (they skipped every section)

@@ -160,10 +160,12 @@ def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
     assert len(saves) == 3 and "opt" in saves[0] and "opt" not in saves[2]
 
 
-def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the CPU's autocast (issue #10)
+def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch, precision):
+    hw = dict(CPU, precision=precision)
     data, hp = _data(), dict(hw2.PRESETS["smoke"])
     os.makedirs(tmp_path / "a")
-    ref, ref_hist = hw2.train(data, hp, CPU, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
+    ref, ref_hist = hw2.train(data, hp, hw, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
     os.makedirs(tmp_path / "b")
     real = hw2.save_torch
 
@@ -173,16 +175,16 @@ def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkey
 
     monkeypatch.setattr(hw2, "save_torch", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        hw2.train(data, hp, CPU, _cfg(tmp_path / "b"), 3, 32, log=_quiet)
+        hw2.train(data, hp, hw, _cfg(tmp_path / "b"), 3, 32, log=_quiet)
     monkeypatch.setattr(hw2, "save_torch", real)
     assert hw2.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["epoch"] == 0
     lines = []
-    resumed, hist = hw2.train(data, hp, CPU, _cfg(tmp_path / "b", resume=True), 3, 32, log=lines.append)
+    resumed, hist = hw2.train(data, hp, hw, _cfg(tmp_path / "b", resume=True), 3, 32, log=lines.append)
     assert lines[0].startswith("resumed from") and len(hist) == 3
     assert _state_equal(resumed.state_dict(), ref.state_dict())
     assert [(r["train_loss"], r["val_acc"]) for r in hist] == [(r["train_loss"], r["val_acc"]) for r in ref_hist]
-    assert torch.equal(hw2.predict_logits(resumed, data["val_x"], "cpu", "fp32", tta=2),
-                       hw2.predict_logits(ref, data["val_x"], "cpu", "fp32", tta=2))
+    assert torch.equal(hw2.predict_logits(resumed, data["val_x"], "cpu", precision, tta=2),
+                       hw2.predict_logits(ref, data["val_x"], "cpu", precision, tta=2))
 
 
 # ---------------------------------------------------------------- BatchNorm statistics
