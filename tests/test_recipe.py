@@ -160,10 +160,13 @@ def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
     assert len(saves) == 3 and "opt" in saves[0] and "opt" not in saves[2]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the CPU's autocast (issue #10)
-def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("precision,muon", [("fp32", False), ("bf16", False),  # bf16: the CPU's autocast (#10)
+                                            ("fp32", True)])  # Muon's momentum buffers are resumed too
+def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch, precision, muon):
     hw = dict(CPU, precision=precision)
     data, hp = _data(), dict(hw2.PRESETS["smoke"])
+    if muon:
+        hp.update(muon_lr=0.24, muon_momentum=0.6)
     os.makedirs(tmp_path / "a")
     ref, ref_hist = hw2.train(data, hp, hw, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
     os.makedirs(tmp_path / "b")
@@ -322,7 +325,8 @@ def test_checkpoint_every_rejects_bad_values(bad, monkeypatch):
 # ---------------------------------------------------------------- the fast preset
 def test_fast_preset_is_airbench94_shaped_and_falls_back_on_cpu():
     fast, full = hw2.PRESETS["fast"], hw2.PRESETS["full"]
-    assert fast.keys() == full.keys()
+    assert fast.keys() - {"muon_lr", "muon_momentum"} == full.keys()  # full: plain SGD (untested with Muon on a card)
+    assert fast["muon_lr"] > 0 and isinstance(hw2.make_optimizer(hw2.Net(fast["widths"]), fast, 1024), hw2.MuonSGD)
     assert fast["widths"] == (64, 256, 256) and fast["epochs"] < full["epochs"]
     ratio = hw2.count_flops(fast)["train_per_image"] / hw2.count_flops(full)["train_per_image"]
     assert 0.2 < ratio < 0.3
@@ -351,4 +355,5 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     flops = hw2.count_flops(hw2.PRESETS["fast"], whiten_bias_trains=True)
     assert m["flops"]["train_run"] == 800 * flops["train_per_image"]  # 1000 - 200 val, one batch
     assert m["checkpoint"]["saves"] == 1 and m["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")
-    assert "deterministic True" in proc.stdout
+    assert "deterministic True" in proc.stdout and "optimizer muon" in proc.stdout
+    assert m["optimizer"] == "muon" and m["flops"]["optimizer_run"] == hw2.count_optimizer_flops(hw2.PRESETS["fast"]) > 0

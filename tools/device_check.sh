@@ -12,14 +12,14 @@
 # Budget, seconds of device time (whole processes, data prep included). Inputs: airbench94 ~4 s
 # and airbench96 ~35 s per run on an A100 (published); hw2 full 41 s whole process on an H200
 # (BENCHMARKS.md, of which ~10 s are Problems 1-3, start-up and the first epoch's autotuning);
-# fast (provisional) ~1/4 of full's FLOPs; torch.compile ~40-60 s of compiling per process.
+# fast ~1/4 of full's FLOPs (Muon, tuned on the CPU); torch.compile ~40-60 s of compiling per process.
 #   phase        what                                                        estimate
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)             30
 #   baseline     side_by_side.sh: airbench94 x3, airbench96 x2, hw2 full x2       190
-#   fast         hw2 fast x3 seeds (time-to-94 % preset, first timing)             70
+#   fast         hw2 fast x3 seeds (Muon), + seed 0 with --optimizer sgd           90
 #   determinism  fast seed 0 again (default kernels), fast --deterministic x2      70
 #   compile      fast --compile, full --compile (compile time included)           150
-#   total                                                                        ~510
+#   total                                                                        ~530
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
 # order above, so a slow card still returns the most important figures first (the full --compile
 # run is the first to go). Run with timeout_s=570; a second call with PHASES=... fills a gap.
@@ -35,7 +35,7 @@ mkdir -p "$OUT" "$W/runs"
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   PY=${PY:-.venv/bin/python}; export SKIP_ANCHORS=1
-  FULL_ARGS=${FULL_ARGS:---preset smoke --epochs 2}; FAST_ARGS=${FAST_ARGS:---preset smoke --epochs 1}
+  FULL_ARGS=${FULL_ARGS:---preset smoke --epochs 2}; FAST_ARGS=${FAST_ARGS:---preset smoke --epochs 1 --optimizer muon}
   FULL_RUNS=${FULL_RUNS:-1}; FAST_RUNS=${FAST_RUNS:-2}
 else
   PY=${PY:-python3}
@@ -88,8 +88,9 @@ else
   W="$W" PY="$PY" SKIP_ANCHORS=1 HW2_RUNS=0 bash "$ANCHORS/side_by_side.sh"  # data prep only
 fi
 
-if phase fast 70; then
+if phase fast 90; then
   for s in $(seq 0 $(( ${FAST_RUNS:-3} - 1 ))); do hw2_run "fast_s$s" $FAST_ARGS --seed "$s"; done
+  hw2_run fast_s0_sgd $FAST_ARGS --seed 0 --optimizer sgd  # Muon's worth (accuracy, time) on the card
 fi
 
 if phase determinism 70; then  # same seed, same card: byte-identical submission.csv?

@@ -34,14 +34,14 @@ def run(name, metrics_path, t0, t1, flags):
                tflops_train=float(f"{flops['train_run'] / s['train'] / 1e12:.3g}") if flops and s["train"] else None,
                tflops_epoch=float(f"{per_epoch / statistics.median(later) / 1e12:.3g}") if flops else None,
                first_epoch_s=hist[0]["seconds"] if hist else None, checkpoint=m.get("checkpoint"),
-               fp16_scale=m.get("fp16_scale"))
+               fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"))
     print(json.dumps(row))
 
 
 def line(r):
     if r.get("failed"):
         return f"RUN {r['name']} FAILED"
-    return (f"RUN {r['name']} | {r['device']} | {r['preset']} seed {r['seed']} | acc {r['acc']:.4f} | "
+    return (f"RUN {r['name']} | {r['device']} | {r['preset']} seed {r['seed']} {r.get('optimizer')} | acc {r['acc']:.4f} | "
             f"train {r['train_s']:.1f} s + predict {r['predict_s']:.1f} s | whole {r['whole_s']} s | "
             f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
@@ -66,6 +66,11 @@ def summary(runs_path, log_path):
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
             out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
+    a, b = ok.get("fast_s0"), ok.get("fast_s0_sgd")
+    if a and b:
+        out += ["", "## fast: Muon vs SGD, seed 0 (CPU proxy: +1.0 %; Muon's GPU cost unknown)",
+                f"{a['optimizer']}: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s | "
+                f"{b['optimizer']}: acc {b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
     out += ["", "## determinism (same seed twice on this card)"]
     for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0_det", "fast_s0_det_again")):
         if a in ok and b in ok:

@@ -1,0 +1,149 @@
+"""Muon for the conv filters (the `fast` preset): the Newton-Schulz orthogonalisation against an
+SVD, the optimizer's step against a hand computation, and the scale invariance it relies on."""
+import pytest
+import torch
+
+import hw2
+
+MUON = dict(muon_lr=0.24, muon_momentum=0.6)
+
+
+@pytest.mark.parametrize("shape", [(64, 24 * 9), (256, 256 * 9), (300, 40)])  # wide, conv-sized, tall
+def test_orthogonalize_keeps_the_directions_and_equalises_the_singular_values(shape):
+    """Against the exact answer from an SVD: g = U S Vᵀ with singular values over two decades;
+    orthogonalising should give ≈ U Vᵀ (all singular values 1)."""
+    gen = torch.Generator().manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=gen))
+    g = u @ torch.diag(torch.logspace(0, -2, k)) @ v.T
+    polar = u @ v.T
+
+    def cos(a, b):
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    for steps, min_cos, min_sv in ((3, 0.85, 0.07), (5, 0.98, 0.6)):
+        o = hw2.orthogonalize(g, steps)
+        sv = torch.linalg.svdvals(o)
+        print(f"{shape} {steps} steps: cos {cos(o, polar):.4f}, singular values {sv.min():.3f}..{sv.max():.3f}")
+        assert cos(o, polar) > min_cos
+        assert sv.max() < 1.25 and sv.min() > min_sv  # from 0.01..1: the spread shrinks 100x -> <17x
+
+
+def _model_and_grads(seed=0):
+    torch.manual_seed(seed)
+    model = hw2.Net((8, 16, 16))
+    grads = [{n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad} for _ in range(2)]
+    return model, grads
+
+
+def _two_steps(model, opt, grads):
+    for g in grads:
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad = g[n].clone()
+        opt.step()
+
+
+def test_muon_step_matches_a_hand_computation_and_leaves_the_rest_to_sgd():
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model, grads = _model_and_grads()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = hw2.make_optimizer(model, hp, 32)
+    muon_names = [n for n, p in model.named_parameters() if p.requires_grad and p.dim() == 4]
+    assert len(muon_names) == 9 and "whiten.weight" not in muon_names  # 3 convs per group; the stem is fixed
+    _two_steps(model, opt, grads)
+
+    lr, m = MUON["muon_lr"], MUON["muon_momentum"]
+    for n in muon_names:  # by hand: Nesterov momentum, weight reset to norm sqrt(out), orthogonalised step
+        w, g1, g2 = w0[n], grads[0][n], grads[1][n]
+        out = w.size(0)
+        w = w * out ** 0.5 / w.norm() - lr * hw2.orthogonalize((g1 + m * g1).reshape(out, -1), 3).view_as(w)
+        buf = m * g1 + g2
+        w = w * out ** 0.5 / w.norm() - lr * hw2.orthogonalize((g2 + m * buf).reshape(out, -1), 3).view_as(w)
+        assert torch.allclose(dict(model.named_parameters())[n], w, atol=1e-6), n
+
+    # every other parameter: exactly what plain SGD (the preset without Muon) does with the same gradients
+    ref, _ = _model_and_grads()
+    ref_opt = hw2.make_optimizer(ref, dict(hw2.PRESETS["smoke"]), 32)
+    assert type(ref_opt) is torch.optim.SGD
+    _two_steps(ref, ref_opt, grads)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if n not in muon_names:
+            assert torch.equal(p, q), n
+        elif p.requires_grad:
+            assert not torch.allclose(p, q), n  # positive control: Muon did change the filters
+
+
+def test_filter_scale_does_not_change_the_net_so_muon_may_reset_it():
+    """Every filter Muon renormalises is followed by BatchNorm (through a max-pool at most), so
+    its scale is invisible in the output; the head's scale, which Muon leaves alone, is not."""
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16)).train()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for n, p in model.named_parameters():
+            if p.requires_grad and p.dim() == 4:
+                p.mul_(3.7)
+        assert torch.allclose(model(x), ref, atol=1e-4, rtol=1e-4)
+        model.head.weight.mul_(3.7)
+        assert not torch.allclose(model(x), ref, atol=1e-2)
+
+
+def test_muon_state_is_in_the_checkpointed_optimizer_state():
+    """Resume restores the momentum buffers from opt.state_dict(): they must be in it (the
+    bitwise resume test in test_recipe.py runs the Muon recipe end to end)."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model, grads = _model_and_grads()
+    opt = hw2.make_optimizer(model, hp, 32)
+    _two_steps(model, opt, grads)
+    state = opt.state_dict()
+    bufs = [s["muon_momentum"] for s in state["state"].values() if "muon_momentum" in s]
+    assert len(bufs) == 9
+    fresh = hw2.make_optimizer(hw2.Net((8, 16, 16)), hp, 32)
+    fresh.load_state_dict(state)
+    assert sum("muon_momentum" in s for s in fresh.state.values()) == 9
+
+
+def test_muon_flops_are_counted_by_hand():
+    """Newton-Schulz on an m x n filter matrix (m <= n): per iteration x xᵀ (2m²n), s s (2m³) and
+    (..) x (2m²n) FLOPs; a tall one is transposed first. Summed over the 9 filters, 3 iterations."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model = hw2.Net(hp["widths"], hp["residual"])
+    by_hand = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dim() == 4:
+            m, n = sorted((p.shape[0], p[0].numel()))
+            by_hand += 3 * (4 * m * m * n + 2 * m ** 3)
+    assert hw2.count_optimizer_flops(hp) == by_hand > 0
+    assert hw2.count_optimizer_flops(dict(hw2.PRESETS["smoke"])) == 0  # plain SGD
+    run = hw2.count_run_flops(hp, 2, 320, batch_size=32)
+    assert run["optimizer_run"] == 2 * 10 * by_hand
+
+
+def test_optimizer_flag_overrides_the_preset(monkeypatch):
+    cpu = dict(device="cpu", precision="fp32")
+    fast, full = hw2.PRESETS["fast"], hw2.PRESETS["full"]
+    assert hw2.optimizer_name(hw2.preset_hparams("fast", cpu)) == "muon"
+    assert hw2.preset_hparams("fast", cpu, "preset") == fast
+    sgd = hw2.preset_hparams("fast", cpu, "sgd")
+    assert hw2.optimizer_name(sgd) == "sgd" and type(hw2.make_optimizer(hw2.Net(sgd["widths"]), sgd, 1024)) is torch.optim.SGD
+    muon = hw2.preset_hparams("full", cpu, "muon")
+    assert hw2.optimizer_name(hw2.preset_hparams("full", cpu)) == "sgd"
+    assert muon == dict(full, muon_lr=fast["muon_lr"], muon_momentum=fast["muon_momentum"])
+    monkeypatch.setenv("HW2_OPTIMIZER", "sgd")
+    assert hw2.parse_config([]).optimizer == "sgd"
+    assert hw2.parse_config(["--optimizer", "muon"]).optimizer == "muon"
+    monkeypatch.setenv("HW2_OPTIMIZER", "adam")
+    with pytest.raises(hw2.HW2Error, match="HW2_OPTIMIZER"):
+        hw2.parse_config([])
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
+    from conftest import quiet, train_cfg, train_data
+    cpu = dict(device="cpu", precision="fp32", compile=False)
+    sgd = dict(hw2.PRESETS["smoke"])
+    hw2.train(train_data(), sgd, cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    with pytest.raises(hw2.HW2Error, match="from another run"):
+        hw2.train(train_data(), dict(sgd, **MUON), cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
