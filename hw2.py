@@ -2190,7 +2190,7 @@ def count_flops(hp, whiten_bias_trains=False):
 def count_optimizer_flops(hp):
     """FLOPs of one optimizer step's matrix work: Muon's Newton-Schulz iterations on every
     filter (0 for plain SGD, whose elementwise updates are not counted). Counted like the net."""
-    if not hp.get("muon_lr", 0) > 0:
+    if optimizer_name(hp) != "muon":
         return 0
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
@@ -2601,11 +2601,11 @@ def make_optimizer(model, hp, batch_size):
     kilo = 1024 * (1 + 1 / (1 - hp["momentum"]))
     lr, wd = hp["lr"] / kilo, hp["wd"] * batch_size / kilo
     lr_bias = lr * hp["bias_lr_scale"]
-    muon = hp.get("muon_lr", 0) > 0  # Muon for the 3×3 convs (all followed by BatchNorm)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    filters = [p for n, p in params if muon and p.dim() == 4]
-    biases = [p for n, p in params if "norm" in n]
-    others = [p for n, p in params if "norm" not in n and not (muon and p.dim() == 4)]
+    muon = optimizer_name(hp) == "muon"  # Muon for the 3×3 convs (all followed by BatchNorm)
+    params = [(n, p, muon and p.dim() == 4) for n, p in model.named_parameters() if p.requires_grad]
+    filters = [p for n, p, is_filter in params if is_filter]
+    biases = [p for n, p, _ in params if "norm" in n]
+    others = [p for n, p, is_filter in params if "norm" not in n and not is_filter]
     groups = [dict(params=biases, lr=lr_bias, weight_decay=wd / lr_bias, base_lr=lr_bias),
               dict(params=others, lr=lr, weight_decay=wd / lr, base_lr=lr)]
     # the whitening bias trains only for the first epochs; it joins "others" via requires_grad

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import hw2
+from conftest import quiet, train_cfg, train_data
 
-MUON = dict(muon_lr=0.24, muon_momentum=0.6)
+MUON = {k: hw2.PRESETS["fast"][k] for k in ("muon_lr", "muon_momentum")}  # what --optimizer muon adds
 
 
 @pytest.mark.parametrize("shape", [(64, 24 * 9), (256, 256 * 9), (300, 40)])  # wide, conv-sized, tall
@@ -141,7 +142,6 @@ def test_optimizer_flag_overrides_the_preset(monkeypatch):
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
-    from conftest import quiet, train_cfg, train_data
     cpu = dict(device="cpu", precision="fp32", compile=False)
     sgd = dict(hw2.PRESETS["smoke"])
     hw2.train(train_data(), sgd, cpu, train_cfg(tmp_path), 1, 32, log=quiet)

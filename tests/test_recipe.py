@@ -164,9 +164,8 @@ def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
                                             ("fp32", True)])  # Muon's momentum buffers are resumed too
 def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkeypatch, precision, muon):
     hw = dict(CPU, precision=precision)
-    data, hp = _data(), dict(hw2.PRESETS["smoke"])
-    if muon:
-        hp.update(muon_lr=0.24, muon_momentum=0.6)
+    data = _data()
+    hp = hw2.preset_hparams("smoke", hw, "muon" if muon else "preset")  # muon: --optimizer muon's settings
     os.makedirs(tmp_path / "a")
     ref, ref_hist = hw2.train(data, hp, hw, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
     os.makedirs(tmp_path / "b")
