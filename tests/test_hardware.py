@@ -176,6 +176,24 @@ def test_choose_hardware_on_this_machine_is_cpu(no_gpu):
     assert hw2.choose_hardware(_cfg(preset="smoke"))["preset"] == "smoke"
 
 
+def test_gpu_failing_its_test_op_falls_back_like_no_gpu(monkeypatch):
+    # A visible GPU whose probe op fails: the CPU, and the GPU presets give way to `quick` as
+    # when no GPU is found (30 epochs of `full` on a CPU would take hours); --device cuda stops.
+    facts = dict(capability=(7, 5), arch=["sm_75"], count=1, name="Tesla T4",
+                 error="RuntimeError: CUDA error: no kernel image is available")
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: facts)
+    for preset, expected in (("full", "quick"), ("fast", "quick"), (None, "quick"), ("smoke", "smoke")):
+        plan = hw2.choose_hardware(_cfg(preset=preset, precision="fp16"))
+        assert (plan["device"], plan["preset"]) == ("cpu", expected), preset
+        assert plan["precision"] in ("bf16", "fp32") and "fails a test op" in plan["note"]
+    with pytest.raises(hw2.HW2Error, match="--device cuda: the GPU fails a test op"):
+        hw2.choose_hardware(_cfg(device="cuda", preset="full"))
+    # control: the same card passing its test op trains `full` on the GPU
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: dict(facts, error=None))
+    plan = hw2.choose_hardware(_cfg(preset="full"))
+    assert (plan["device"], plan["preset"], plan["precision"]) == ("cuda", "full", "fp16")
+
+
 def test_choose_hardware_device_cuda_without_gpu_raises(no_gpu):
     with pytest.raises(hw2.HW2Error, match="no CUDA GPU"):
         hw2.choose_hardware(_cfg(device="cuda"))

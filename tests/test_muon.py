@@ -130,9 +130,14 @@ def test_optimizer_flag_overrides_the_preset(monkeypatch):
     assert hw2.preset_hparams("fast", cpu, "preset") == fast
     sgd = hw2.preset_hparams("fast", cpu, "sgd")
     assert hw2.optimizer_name(sgd) == "sgd" and type(hw2.make_optimizer(hw2.Net(sgd["widths"]), sgd, 1024)) is torch.optim.SGD
-    muon = hw2.preset_hparams("full", cpu, "muon")
-    assert hw2.optimizer_name(hw2.preset_hparams("full", cpu)) == "sgd"
-    assert muon == dict(full, muon_lr=fast["muon_lr"], muon_momentum=fast["muon_momentum"])
+    # full has its own (smaller) Muon step, which --optimizer muon keeps; sgd drops it
+    assert hw2.preset_hparams("full", cpu, "muon") == full and 0 < full["muon_lr"] < fast["muon_lr"]
+    assert hw2.optimizer_name(hw2.preset_hparams("full", cpu, "sgd")) == "sgd"
+    # a preset on SGD gets fast's Muon settings
+    quick = hw2.preset_hparams("quick", cpu)
+    assert hw2.optimizer_name(quick) == "sgd"
+    assert hw2.preset_hparams("quick", cpu, "muon") == dict(quick, muon_lr=fast["muon_lr"],
+                                                             muon_momentum=fast["muon_momentum"])
     monkeypatch.setenv("HW2_OPTIMIZER", "sgd")
     assert hw2.parse_config([]).optimizer == "sgd"
     assert hw2.parse_config(["--optimizer", "muon"]).optimizer == "muon"

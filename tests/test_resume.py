@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import run_hw2
+from conftest import quiet, run_hw2, train_cfg, train_data
 
 FILES = ("submission.csv", "answers.json", "metrics.json", "model.pt", "checkpoint.pt")
 HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
@@ -87,11 +87,15 @@ def test_base_run_positive_control(base):
     native = hw2.cpu_native_bf16()
     assert metrics["precision"] == ("bf16" if native else "fp32")
     assert metrics["cpu"]["native_bf16"] is native and metrics["cpu"]["name"] == hw2.cpu_name()
-    assert metrics["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability() and metrics["cpu"]["threads"] >= 1
+    assert metrics["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert metrics["cpu"]["threads"] == hw2.usable_cpus()  # the CPUs it may use, not the host's
     # model.pt keeps the net's shape, which --predict-only rebuilds (quick's differs in fp32)
     saved = torch.load(out / "model.pt", weights_only=True)
     assert (tuple(saved["widths"]), tuple(saved["residual"])) == \
         (hw2.PRESETS["smoke"]["widths"], hw2.PRESETS["smoke"]["residual"])
+    # ... and the split it trained on, which --predict-only checks before it scores a hold-out
+    assert (saved["n_train"], saved["val_size"]) == (metrics["n_train"], metrics["n_val"])
+    assert metrics["n_val"] > 0 and metrics["val_acc"] is not None
 
 
 def test_resume_after_last_epoch_trains_nothing(base, run_copy):
@@ -161,6 +165,31 @@ def test_predict_only_rewrites_the_same_submission(base, run_copy):
     assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
     assert read(run_copy / "model.pt") == model_before
     assert read(run_copy / "checkpoint.pt") == ckpt_before
+    # the same split as the training run: its hold-out is scored, to the same accuracy
+    assert "no validation accuracy" not in res.stdout
+    after, first = (json.loads((d / "metrics.json").read_text()) for d in (run_copy, base["out"]))
+    assert after["val_acc"] == first["val_acc"] is not None
+
+
+def test_predict_only_does_not_score_another_split(base, run_copy):
+    # Another --val-size carves another hold-out from the training set, which would include
+    # images the model trained on: no accuracy is reported for it, and the run says why.
+    held_out = json.loads((base["out"] / "metrics.json").read_text())["n_val"]
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only", "--val-size", held_out // 2)
+    ok(res)
+    assert "no validation accuracy" in res.stdout and f"--val-size {held_out}" in res.stdout
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["val_acc"] is None and metrics["n_val"] == 0
+    assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
+
+
+def test_predict_only_of_a_gpu_model_on_the_cpu_names_every_flag_needed(base, run_copy):
+    # On a machine without a GPU, --device auto turns an explicit `full` into `quick`, so the
+    # hint must also name --device cpu, or following it would give the same error again.
+    saved = torch.load(run_copy / "model.pt", weights_only=True)
+    torch.save(dict(saved, preset="full"), run_copy / "model.pt")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only")
+    failed(res, "holds a full model, not smoke", "pass --preset full --device cpu")
 
 
 def test_predict_only_in_an_empty_dir_fails(base, tmp_path):
@@ -173,6 +202,28 @@ def test_predict_only_in_an_empty_dir_fails(base, tmp_path):
 
 
 # ------------------------------------------------------------------ in-process: load_checkpoint
+
+@pytest.mark.parametrize("change", [dict(precision="bf16"), dict(deterministic=True)],
+                         ids=["precision", "deterministic"])
+def test_resume_refuses_a_checkpoint_of_other_numerics(tmp_path, change):
+    # fp16/bf16/fp32 and deterministic kernels change the arithmetic (and the scaler's state):
+    # continuing with other settings would not reproduce the run that wrote the checkpoint
+    hw = dict(device="cpu", precision="fp32", compile=False)
+    hp = hw2.PRESETS["smoke"]
+    hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 1, 32, log=quiet)
+    hw_b = dict(hw, precision=change.get("precision", "fp32"))
+    cfg_b = train_cfg(tmp_path, resume=True, deterministic=change.get("deterministic", False))
+    with pytest.raises(hw2.HW2Error, match="from another run"):
+        hw2.train(train_data(), hp, hw_b, cfg_b, 1, 32, log=quiet)
+    hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
+
+
+def test_usable_cpus_follows_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert hw2.usable_cpus() == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows
+    assert hw2.usable_cpus() == 64
 
 def test_load_checkpoint_garbage_raises(tmp_path):
     p = tmp_path / "checkpoint.pt"

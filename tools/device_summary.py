@@ -66,11 +66,13 @@ def summary(runs_path, log_path):
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
             out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
-    a, b = ok.get("fast_s0"), ok.get("fast_s0_sgd")
-    if a and b:
-        out += ["", "## fast: Muon vs SGD, seed 0 (CPU proxy: +1.0 %; Muon's GPU cost unknown)",
-                f"{a['optimizer']}: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s | "
-                f"{b['optimizer']}: acc {b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
+    for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
+        a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
+        if a and b:
+            out += ["", f"## {preset}: Muon vs SGD, seed 0 (CPU proxy: {proxy}; Muon's GPU cost unknown)",
+                    f"{a['optimizer']} {a['epochs']} epochs: acc {a['acc']:.4f}, train+predict "
+                    f"{a['train_s'] + a['predict_s']:.1f} s | {b['optimizer']} {b['epochs']} epochs: acc "
+                    f"{b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
     out += ["", "## determinism (same seed twice on this card)"]
     for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0_det", "fast_s0_det_again")):
         if a in ok and b in ok:
