@@ -125,8 +125,8 @@ if RUN and IN_NOTEBOOK:
 PRESETS = {
     # Leaderboard recipe for a Kaggle T4 (fp16; training FLOPs are counted in code: flops_per_image).
     # airbench96-sized: 0.96x its training FLOPs per run (+2 % for Newton-Schulz). Muon was chosen
-    # on a CPU proxy (this recipe at 64/256/256, bf16, 45k/5k, seed 0): Muon 26 epochs 0.9204 vs
-    # SGD 30 epochs 0.9200 (BENCHMARKS.md); the SGD recipe (30 epochs) measured 0.934 on an H200.
+    # on a CPU proxy (this recipe at 64/256/256, bf16, 45k/5k, 2 seeds): Muon 26 epochs 0.9209 vs
+    # SGD 30 epochs 0.9207 (BENCHMARKS.md); the SGD recipe (30 epochs) measured 0.934 on an H200.
     "full": dict(
         widths=(128, 512, 512),   # channels of the three residual groups
         residual=(True, True, True),  # a residual block in each group
@@ -2476,7 +2476,7 @@ def torchrun_follower():
 #   irrelevant: it is reset to unit norm per filter (on average) before each step, and the step
 #   size is a fraction of it. The head and the BatchNorm shifts stay on SGD. On the CPU proxy
 #   (8 epochs, bf16) it is worth +1.0 % for ~1 % more FLOPs; in `full`'s recipe (a narrower
-#   copy, one seed) 26 Muon epochs matched 30 SGD epochs, so `full` trains 26 (a card has yet to
+#   copy, two seeds) 26 Muon epochs matched 30 SGD epochs, so `full` trains 26 (a card has yet to
 #   confirm it; `--optimizer sgd --epochs 30` is the SGD recipe). Longer runs want a smaller step:
 #   `full`'s is half of `fast`'s.
 # * **Lookahead/EMA**: every 5 steps the weights are pulled towards a slow exponential average
@@ -2913,7 +2913,7 @@ if RUN and not CFG.answers_only:
             # the hold-out is carved from the training set: another size means other images,
             # some of which this model trained on
             _why = ("model.pt does not record its split" if _split[1] is None else
-                    f"the model trained on {_split[0]} images, every one" if _split[1] == 0 else
+                    f"the model trained on all {_split[0]} images (none held out)" if _split[1] == 0 else
                     f"the model held out {_split[1]} (pass --val-size {_split[1]} to score those)")
             print(f"no validation accuracy: this run holds out {len(DATA['val_x'])} images and {_why}")
             DATA = dict(DATA, val_x=DATA["val_x"][:0], val_y=DATA["val_y"][:0])
