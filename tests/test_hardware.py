@@ -178,7 +178,7 @@ def test_choose_hardware_on_this_machine_is_cpu(no_gpu):
 
 def test_gpu_failing_its_test_op_falls_back_like_no_gpu(monkeypatch):
     # A visible GPU whose probe op fails: the CPU, and the GPU presets give way to `quick` as
-    # when no GPU is found (30 epochs of `full` on a CPU would take hours); --device cuda stops.
+    # when no GPU is found (`full` on a CPU would take hours); --device cuda stops.
     facts = dict(capability=(7, 5), arch=["sm_75"], count=1, name="Tesla T4",
                  error="RuntimeError: CUDA error: no kernel image is available")
     monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: facts)
