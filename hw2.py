@@ -25,7 +25,7 @@
 #
 # | preset | where | model | time | accuracy (5k held out of the JPEG train copy, TTA) |
 # |---|---|---|---|---|
-# | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 26 epochs, Muon for the filters | 0.96× airbench96's FLOPs; the SGD recipe (30 epochs): 29 s on an H200, ≈ 4–6 min estimated on a T4 | SGD recipe 0.934 on an H200; Muon: a CPU proxy only (equal to SGD at 30 epochs) |
+# | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 26 epochs, Muon for the filters | 0.96× airbench96's FLOPs; the SGD recipe (30 epochs): 29 s on an H200, ≈ 4–6 min estimated on a T4 | SGD recipe 0.934 on an H200; Muon: a CPU proxy only (equal to SGD at 30 epochs, 0.18 % behind airbench96 there) |
 # | `fast` | GPU, time-to-94 % | same family, 64/256/256 channels, 8 epochs, Muon for the filters | 1/14 of `full`'s training FLOPs per run (¼ per image); GPU time not yet measured | 0.916 on the CPU in bf16 (3 seeds; airbench94 there: 0.910) |
 # | `quick` (default on CPU) | 2-core CPU | same family, 32/96/192 channels, 12 epochs in bf16 where the CPU has it natively; else 16/64/128, 8 epochs in fp32 | 5.1 min for the whole script on 2 Zen 5 cores (bf16) | 0.902 (bf16, mean of 3 seeds) / 0.872 (fp32) |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
@@ -194,11 +194,12 @@ PRESETS = {
 }
 
 
-def preset_hparams(name, hw, optimizer=None):
+def preset_hparams(name, hw, optimizer=None, widths=None):
     """The preset's hyperparameters on this hardware (a plan from select_hardware): on a CPU in
     fp32 (one without native bf16) `quick` takes its `cpu_fp32` recipe, so that the whole run
     still fits in 6 minutes there. `optimizer` (--optimizer) overrides the preset's choice:
-    "sgd" drops Muon, "muon" adds `fast`'s Muon settings to a preset without them."""
+    "sgd" drops Muon, "muon" adds `fast`'s Muon settings to a preset without them. `widths`
+    (--widths) replaces the three groups' channel counts."""
     hp = dict(PRESETS[name])
     fp32 = hp.pop("cpu_fp32", None)
     if fp32 and hw["device"] == "cpu" and hw["precision"] == "fp32":
@@ -207,6 +208,8 @@ def preset_hparams(name, hw, optimizer=None):
         hp.pop("muon_lr", None), hp.pop("muon_momentum", None)
     elif optimizer == "muon" and not hp.get("muon_lr"):
         hp.update(muon_lr=PRESETS["fast"]["muon_lr"], muon_momentum=PRESETS["fast"]["muon_momentum"])
+    if widths:
+        hp["widths"] = tuple(widths)
     return hp
 
 
@@ -268,6 +271,8 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), default=_env_choice("preset", sorted(PRESETS)),
                    help="training recipe (default: full on a GPU, quick on the CPU)")
     p.add_argument("--epochs", type=int, default=_env_number("epochs"), help="override the preset's epochs")
+    p.add_argument("--widths", default=_env_flag("widths"), metavar="C1,C2,C3",
+                   help="override the preset's channels of the three residual groups, e.g. 128,384,512")
     p.add_argument("--seed", type=int, default=_env_number("seed", 0))
     p.add_argument("--device", choices=DEVICES, default=_env_choice("device", DEVICES, "auto"),
                    help="auto: a working GPU, else the CPU quick preset")
@@ -331,6 +336,8 @@ def parse_config(argv=None):
         raise HW2Error(f"--gpus {cfg.gpus}: expected auto or a whole number of processes >= 1")
     if cfg.epochs is not None and int(cfg.epochs) < 1:
         raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.widths is not None:
+        cfg.widths = parse_widths(cfg.widths)
     if cfg.val_size is not None and int(cfg.val_size) < 0:
         raise HW2Error(f"--val-size {cfg.val_size}: must be 0 or more")
     if not cfg.checkpoint_every >= 0:  # also rejects nan
@@ -341,6 +348,14 @@ def parse_config(argv=None):
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join(KAGGLE_ROOT, "working") if on_kaggle() else "outputs"
     return cfg
+
+
+def parse_widths(text):
+    parts = str(text).replace(" ", "").split(",")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise HW2Error(f"--widths {text}: expected three whole numbers >= 1 separated by commas, "
+                       f"e.g. 128,384,512")
+    return tuple(int(p) for p in parts)
 
 
 def on_kaggle():
@@ -2233,7 +2248,7 @@ def count_run_flops(hp, epochs, images_per_epoch, batch_size=None):
 
 
 if RUN and not CFG.answers_only:
-    HP = preset_hparams(CFG.preset, HW, CFG.optimizer)  # the recipe for this hardware (quick differs in fp32)
+    HP = preset_hparams(CFG.preset, HW, CFG.optimizer, CFG.widths)  # the recipe for this hardware (quick differs in fp32)
     _m = Net(HP["widths"], HP["residual"])
     print(f"model: Net(widths={HP['widths']}) with {count_params(_m):,} parameters")
     del _m
@@ -2456,7 +2471,7 @@ def torchrun_follower():
     hw = choose_hardware(cfg)
     cfg.preset = hw["preset"]
     train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
-               preset_hparams(cfg.preset, hw, cfg.optimizer), hw, cfg)
+               preset_hparams(cfg.preset, hw, cfg.optimizer, cfg.widths), hw, cfg)
 
 
 # %% [markdown]
@@ -2767,9 +2782,9 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     base_flip = torch.rand(n, device=device, generator=gen) < 0.5
     history, start_epoch, step = [], 0, 0
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
-    identity = dict(preset=cfg.preset, optimizer=optimizer_name(hp), seed=cfg.seed, epochs=epochs,
-                    batch_size=batch_size, n_train=n, world_size=DIST.world, precision=precision,
-                    deterministic=bool(getattr(cfg, "deterministic", False)))
+    identity = dict(preset=cfg.preset, widths=list(hp["widths"]), optimizer=optimizer_name(hp),
+                    seed=cfg.seed, epochs=epochs, batch_size=batch_size, n_train=n, world_size=DIST.world,
+                    precision=precision, deterministic=bool(getattr(cfg, "deterministic", False)))
     if cfg.resume:
         ck = load_checkpoint(existing_output(cfg, "checkpoint.pt", "--resume", "nothing to resume"))
         check_resume_world_size(ck.get("identity"), DIST.world, ckpt_path)
@@ -3073,7 +3088,7 @@ if RUN and not CFG.answers_only:
         submission_sha256=sha256_file(OUTPUTS["submission"]) if "submission" in OUTPUTS else None,
         flops=FLOPS,
         checkpoint=TRAIN_STATS.get("checkpoint"), fp16_scale=TRAIN_STATS.get("fp16_scale"),
-        epochs=len(HISTORY), batch_size=BATCH_SIZE, optimizer=optimizer_name(HP),
+        epochs=len(HISTORY), batch_size=BATCH_SIZE, optimizer=optimizer_name(HP), widths=list(HP["widths"]),
         parameters=count_params(MODEL), n_train=len(DATA["train_x"]), n_val=len(DATA["val_x"]),
         n_test=0 if DATA["test_x"] is None else len(DATA["test_x"]), data_source=DATA["source"],
         test_source=DATA["test_path"],

@@ -438,7 +438,10 @@ def test_output_dir_not_writable(tmp_path):
     (["--resume", "--predict-only"], {}, r"exclude each other"),
     ([], {"HW2_ANSWERS_ONLY": "maybe"}, r"HW2_ANSWERS_ONLY='maybe': expected 1/0"),
     ([], {"HW2_EPOCHS": "abc"}, r"HW2_EPOCHS='abc': expected an integer"),
-], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc"])
+    (["--widths", "128,384"], {}, r"--widths 128,384: expected three whole numbers >= 1"),
+    ([], {"HW2_WIDTHS": "0,8,8"}, r"--widths 0,8,8: expected three whole numbers >= 1"),
+], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
+        "widths_two", "HW2_WIDTHS_zero"])
 def test_bad_flag_values(args, env, phrase, tmp_path):
     out = tmp_path / "out"
     res = smoke(out, *args, env=env)

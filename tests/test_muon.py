@@ -146,6 +146,17 @@ def test_optimizer_flag_overrides_the_preset(monkeypatch):
         hw2.parse_config([])
 
 
+def test_resume_refuses_a_checkpoint_of_other_widths(tmp_path):
+    # --widths changes the weights' shapes: refused with the one-line "another run" error, not a
+    # load_state_dict size-mismatch traceback
+    cpu = dict(device="cpu", precision="fp32", compile=False)
+    hp = dict(hw2.PRESETS["smoke"])
+    hw2.train(train_data(), hp, cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    with pytest.raises(hw2.HW2Error, match="from another run"):
+        hw2.train(train_data(), dict(hp, widths=(8, 16, 32)), cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
+    hw2.train(train_data(), hp, cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
+
+
 def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
     cpu = dict(device="cpu", precision="fp32", compile=False)
     sgd = dict(hw2.PRESETS["smoke"])

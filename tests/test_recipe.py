@@ -357,3 +357,33 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     assert m["checkpoint"]["saves"] == 1 and m["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")
     assert "deterministic True" in proc.stdout and "optimizer muon" in proc.stdout
     assert m["optimizer"] == "muon" and m["flops"]["optimizer_run"] == hw2.count_optimizer_flops(hw2.PRESETS["fast"]) > 0
+
+
+# ---------------------------------------------------------------- --widths
+def test_widths_flag_reshapes_the_net_and_is_recorded(tiny_cifar_dir, tmp_path, monkeypatch):
+    cpu = dict(device="cpu", precision="fp32")
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    assert hw2.parse_config([]).widths is None
+    assert hw2.parse_config(["--widths", "128, 384,512"]).widths == (128, 384, 512)
+    monkeypatch.setenv("HW2_WIDTHS", "8,8,16")
+    assert hw2.parse_config([]).widths == (8, 8, 16)
+    for bad in ("8,8", "8,8,8,8", "8,x,8", "8,-1,8", "8,0,8", ""):
+        with pytest.raises(hw2.HW2Error, match="--widths"):
+            hw2.parse_widths(bad)
+    # only the widths change: every other knob stays the preset's (quick's fp32 recipe included)
+    full = hw2.preset_hparams("full", cpu, None, (128, 384, 512))
+    assert full == dict(hw2.PRESETS["full"], widths=(128, 384, 512))
+    assert hw2.preset_hparams("quick", cpu, None, (8, 8, 16)) == dict(hw2.preset_hparams("quick", cpu), widths=(8, 8, 16))
+    # airbench96's channel counts give airbench96's FLOPs per training image (2.658 G, counted
+    # with the same FlopCounterMode over its own net; BENCHMARKS.md)
+    assert round(hw2.count_flops(full)["train_per_image"] / 1e9, 3) == 2.658
+    monkeypatch.delenv("HW2_WIDTHS")
+    out = tmp_path / "out"
+    proc = run_hw2("--preset", "smoke", "--widths", "8,8,16", "--epochs", "1", "--val-size", "200",
+                   "--data-dir", tiny_cifar_dir, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["widths"] == [8, 8, 16] and m["parameters"] == hw2.count_params(hw2.Net((8, 8, 16)))
+    assert m["parameters"] != hw2.count_params(hw2.Net(hw2.PRESETS["smoke"]["widths"]))
+    assert tuple(hw2.load_checkpoint(str(out / "model.pt"))["widths"]) == (8, 8, 16)  # --predict-only's shape

@@ -17,16 +17,18 @@
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)             30
 #   baseline     side_by_side.sh: airbench94 x3, airbench96 x2, hw2 full x2       190
 #   fast         hw2 fast x3 seeds (Muon), + seed 0 with --optimizer sgd           90
-#   fullsgd      full seed 0 as the SGD recipe (--optimizer sgd --epochs 30)        45
+#   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS) 90
 #   determinism  fast seed 0 again (default kernels), fast --deterministic x2      70
 #   compile      fast --compile, full --compile (compile time included)           150
-#   total                                                                        ~575
+#   fullsgd      full seed 0 as the SGD recipe (--optimizer sgd --epochs 30)        45
+#   total                                                                        ~665
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
-# order above, so a slow card still returns the most important figures first (the full --compile
-# run is the first to go, and at these estimates it does). Run with timeout_s=570; a second call
+# order above, so a slow card still returns the most important figures first (at these estimates
+# the full --compile run and fullsgd are skipped). Run with timeout_s=570; a second call
 # with PHASES=... fills a gap.
-# Knobs: PHASES ("baseline fast fullsgd determinism compile"), DEADLINE, AB94_RUNS, AB96_RUNS, FULL_RUNS,
-# FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to try other epochs), PY, W.
+# Knobs: PHASES ("baseline fast fullalt determinism compile fullsgd"), DEADLINE, AB94_RUNS, AB96_RUNS,
+# FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to try other epochs),
+# FULL_ALT_ARGS, FULL_SGD_ARGS, PY, W.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$(date +%s)
@@ -39,12 +41,14 @@ if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   PY=${PY:-.venv/bin/python}; export SKIP_ANCHORS=1
   FULL_ARGS=${FULL_ARGS:---preset smoke --epochs 2}; FAST_ARGS=${FAST_ARGS:---preset smoke --epochs 1 --optimizer muon}
   FULL_RUNS=${FULL_RUNS:-1}; FAST_RUNS=${FAST_RUNS:-2}; FULL_SGD_ARGS=${FULL_SGD_ARGS:---optimizer sgd --epochs 3}
+  FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 8,16,32 --epochs 1}
 else
   PY=${PY:-python3}
   FULL_ARGS=${FULL_ARGS:---preset full}; FAST_ARGS=${FAST_ARGS:---preset fast}
-  FULL_SGD_ARGS=${FULL_SGD_ARGS:---optimizer sgd --epochs 30}  # the recipe before Muon (0.934 on an H200)
+  FULL_SGD_ARGS=${FULL_SGD_ARGS:---widths 128,512,512 --optimizer sgd --epochs 30}  # the recipe before Muon (0.934 on an H200)
+  FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 128,384,512 --epochs 35}  # airbench96's widths, same FLOPs (proxy: level)
 fi
-PHASES=${PHASES:-baseline fast fullsgd determinism compile}
+PHASES=${PHASES:-baseline fast fullalt determinism compile fullsgd}
 DEADLINE=${DEADLINE:-500}
 ANCHORS=.device/anchors
 [ -f "$ANCHORS/side_by_side.sh" ] || { echo "device_check: $ANCHORS missing: mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/"; exit 2; }
@@ -96,8 +100,8 @@ if phase fast 90; then
   hw2_run fast_s0_sgd $FAST_ARGS --seed 0 --optimizer sgd  # Muon's worth (accuracy, time) on the card
 fi
 
-if phase fullsgd 45; then  # Muon's 26 epochs were chosen on a CPU proxy: the SGD recipe beside them
-  hw2_run full_s0_sgd $FULL_ARGS --seed 0 $FULL_SGD_ARGS
+if phase fullalt 90; then  # the widths were chosen on a CPU proxy: the other choice beside them
+  for s in $(seq 0 $(( ${FULL_RUNS:-2} - 1 ))); do hw2_run "fullalt_s$s" $FULL_ARGS --seed "$s" $FULL_ALT_ARGS; done
 fi
 
 if phase determinism 70; then  # same seed, same card: byte-identical submission.csv?
@@ -110,6 +114,10 @@ fi
 if phase compile 50; then
   hw2_run fast_s0_compile $FAST_ARGS --seed 0 --compile
   if fits "compile (full)" 100; then hw2_run full_s0_compile $FULL_ARGS --seed 0 --compile; fi
+fi
+
+if phase fullsgd 45; then  # full's SGD recipe before Muon, for the record
+  hw2_run full_s0_sgd $FULL_ARGS --seed 0 $FULL_SGD_ARGS
 fi
 
 "$PY" tools/device_summary.py summary "$OUT/runs.jsonl" "$OUT/device_check.log" >"$OUT/summary.txt"

@@ -34,14 +34,15 @@ def run(name, metrics_path, t0, t1, flags):
                tflops_train=float(f"{flops['train_run'] / s['train'] / 1e12:.3g}") if flops and s["train"] else None,
                tflops_epoch=float(f"{per_epoch / statistics.median(later) / 1e12:.3g}") if flops else None,
                first_epoch_s=hist[0]["seconds"] if hist else None, checkpoint=m.get("checkpoint"),
-               fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"))
+               fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"), widths=m.get("widths"))
     print(json.dumps(row))
 
 
 def line(r):
     if r.get("failed"):
         return f"RUN {r['name']} FAILED"
-    return (f"RUN {r['name']} | {r['device']} | {r['preset']} seed {r['seed']} {r.get('optimizer')} | acc {r['acc']:.4f} | "
+    return (f"RUN {r['name']} | {r['device']} | {r['preset']} seed {r['seed']} {r.get('optimizer')} "
+            f"widths {r.get('widths')} {r['epochs']} epochs | acc {r['acc']:.4f} | "
             f"train {r['train_s']:.1f} s + predict {r['predict_s']:.1f} s | whole {r['whole_s']} s | "
             f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
@@ -73,6 +74,14 @@ def summary(runs_path, log_path):
                     f"{a['optimizer']} {a['epochs']} epochs: acc {a['acc']:.4f}, train+predict "
                     f"{a['train_s'] + a['predict_s']:.1f} s | {b['optimizer']} {b['epochs']} epochs: acc "
                     f"{b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
+    alt = sorted(n for n in ok if re.fullmatch(r"fullalt_s\d+", n))
+    if alt:  # the other width/epochs recipe (same FLOPs), against full's runs of the same seeds
+        out += ["", "## full: the preset vs the other widths (same FLOPs; CPU proxy in BENCHMARKS.md)"]
+        for n in alt:
+            a, b = ok.get("full_" + n[len("fullalt_"):]), ok[n]
+            for r in filter(None, (a, b)):
+                out.append(f"{r['name']}: widths {r['widths']} {r['epochs']} epochs {r['optimizer']}: acc {r['acc']:.4f}, "
+                           f"train+predict {r['train_s'] + r['predict_s']:.1f} s")
     out += ["", "## determinism (same seed twice on this card)"]
     for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0_det", "fast_s0_det_again")):
         if a in ok and b in ok:
