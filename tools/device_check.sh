@@ -20,12 +20,12 @@
 #   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS) 90
 #   determinism  fast seed 0 again (default kernels), fast --deterministic x2      70
 #   compile      fast --compile, full --compile (compile time included)           150
-#   fullsgd      full seed 0 as the SGD recipe (--optimizer sgd --epochs 30)        45
+#   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)        45
 #   total                                                                        ~665
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
 # order above, so a slow card still returns the most important figures first (at these estimates
-# the full --compile run and fullsgd are skipped). Run with timeout_s=570; a second call
-# with PHASES=... fills a gap.
+# compile and fullsgd are skipped: 30+190+90+90+70 = 470 s leaves no room before 500). Run with
+# timeout_s=570, then at once, while the card is warm, PHASES="compile fullsgd" for the rest.
 # Knobs: PHASES ("baseline fast fullalt determinism compile fullsgd"), DEADLINE, AB94_RUNS, AB96_RUNS,
 # FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to try other epochs),
 # FULL_ALT_ARGS, FULL_SGD_ARGS, PY, W.
