@@ -26,7 +26,7 @@
 # | preset | where | model | time | accuracy (5k held out of the JPEG train copy, TTA) |
 # |---|---|---|---|---|
 # | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 26 epochs, Muon for the filters | 0.96× airbench96's FLOPs; the SGD recipe (30 epochs): 29 s on an H200, ≈ 4–6 min estimated on a T4 | SGD recipe 0.934 on an H200; Muon: a CPU proxy only (equal to SGD at 30 epochs, 0.18 % behind airbench96 there) |
-# | `fast` | GPU, time-to-94 % | same family, 64/256/256 channels, 8 epochs, Muon for the filters | 1/14 of `full`'s training FLOPs per run (¼ per image); GPU time not yet measured | 0.916 on the CPU in bf16 (3 seeds; airbench94 there: 0.910) |
+# | `fast` | GPU, time-to-94 % | same family, 64/256/256 channels, 8 epochs, Muon for the filters | 1/14 of `full`'s training FLOPs per run (¼ per image); 5.3 s train + predict on an H200 (airbench94: 2.2 s); ≈ 55 s of training estimated on a T4 | 0.911 on an H200 (2 seeds; airbench94 on the same card and split: 0.904) |
 # | `quick` (default on CPU) | 2-core CPU | same family, 32/96/192 channels, 12 epochs in bf16 where the CPU has it natively; else 16/64/128, 8 epochs in fp32 | 5.1 min for the whole script on 2 Zen 5 cores (bf16) | 0.902 (bf16, mean of 3 seeds) / 0.872 (fp32) |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
 #
@@ -46,6 +46,7 @@
 # %%
 import argparse
 import contextlib
+import copy
 import difflib
 import gc
 import glob
@@ -304,6 +305,10 @@ def build_parser():
     p.add_argument("--answers-only", action="store_true",
                    default=_truthy(_env_flag("answers_only"), "answers_only"),
                    help="run Problems 1-3 only and write answers.json")
+    p.add_argument("--skip-answers", action="store_true",
+                   default=_truthy(_env_flag("skip_answers"), "skip_answers"),
+                   help="skip Problems 1-3 (~10 s) and only train and predict, e.g. for timing "
+                        "runs; no answers.json")
     p.add_argument("--resume", action="store_true", default=_truthy(_env_flag("resume"), "resume"),
                    help="continue training from output-dir/checkpoint.pt")
     p.add_argument("--predict-only", action="store_true",
@@ -344,6 +349,8 @@ def parse_config(argv=None):
         raise HW2Error(f"--checkpoint-every {cfg.checkpoint_every}: must be 0 or more seconds")
     if cfg.resume and cfg.predict_only:
         raise HW2Error("--resume and --predict-only exclude each other")
+    if cfg.answers_only and cfg.skip_answers:
+        raise HW2Error("--answers-only and --skip-answers exclude each other")
     cfg.seed = int(cfg.seed)
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join(KAGGLE_ROOT, "working") if on_kaggle() else "outputs"
@@ -679,7 +686,7 @@ def problem1():
 
 
 # %%
-if RUN:
+if RUN and not CFG.skip_answers:
     ANSWERS["p1"] = problem1()
 
 # %% [markdown]
@@ -828,7 +835,7 @@ def problem2():
 
 
 # %%
-if RUN:
+if RUN and not CFG.skip_answers:
     ANSWERS["p2"] = problem2()
 
 # %% [markdown]
@@ -1255,7 +1262,61 @@ def _profiled_peak(prof):
     return int(top.extra_fields.total_allocated - base), (top.parent.name if top.parent else None)
 
 
+def _send_call(conn, fn, args, kwargs):
+    try:
+        result = ("ok", fn(*args, **kwargs))
+    except Exception as e:
+        result = ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    conn.send(result)
+    conn.close()
+
+
+def _one_thread_then(fn):
+    def run(*args, **kwargs):
+        # GNU OpenMP (torch's CPU threads) is not fork-safe: a forked child's first parallel
+        # region waits forever for the parent's worker threads (a test reproduces it) unless
+        # the child runs its CPU ops on one thread
+        torch.set_num_threads(1)
+        return fn(*args, **kwargs)
+    return run
+
+
+def call_in_fork(fn, *args, timeout=600, **kwargs):
+    """fn(*args, **kwargs) in a forked child process on one CPU thread, whose side effects stay
+    there: ("ok", result), ("error", one line) if it raised, or ("failed", None) if it died or
+    hung."""
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_send_call, args=(send, _one_thread_then(fn), args, kwargs), daemon=True)
+    child.start()
+    send.close()
+    try:
+        got = recv.recv() if recv.poll(timeout) else ("failed", None)
+    except EOFError:  # the child died before answering
+        got = ("failed", None)
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+    return got
+
+
 def p3_measure_step(net, batch, src_len, tgt_len, attention="math", seed=0, peak=True):
+    """p3_measure_step_here on a copy of `net`, which is left as it was. Where a GPU is, the
+    profiled step runs in a forked child: torch.profiler initialises the CUDA driver on such a
+    machine (torch.cuda.is_initialized() stays False), after which no child forked from this
+    process can use the GPU, and the hardware probe and multi-GPU training both fork (seen on an
+    H200: the probe failed and the run fell back to the CPU). The child's driver is its own.
+    torch.cuda.device_count() asks NVML, which leaves fork usable."""
+    args = (batch, src_len, tgt_len, attention, seed, peak)
+    if (peak and torch.cuda.device_count() > 0 and not torch.cuda.is_initialized()
+            and "fork" in multiprocessing.get_all_start_methods()):
+        status, got = call_in_fork(p3_measure_step_here, net, *args)
+        if status == "ok":
+            return got
+    return p3_measure_step_here(copy.deepcopy(net), *args)  # also where the child failed: its traceback
+
+
+def p3_measure_step_here(net, batch, src_len, tgt_len, attention="math", seed=0, peak=True):
     """One real SGD step on the CPU: the bytes autograd saved for backward and the step's peak.
 
     saved_bytes: every saved tensor passes through the pack hook; we record its *storage*
@@ -1301,7 +1362,7 @@ def p3_measure_step(net, batch, src_len, tgt_len, attention="math", seed=0, peak
             opt.step()
         seconds = time.perf_counter() - t0
     out = {"saved_bytes": int(sum(saved.values())), "n_saved_storages": len(saved),
-           "loss": loss.item(), "seconds": float(seconds)}
+           "loss": loss.item(), "seconds": float(seconds), "pid": os.getpid()}
     if peak:
         above, op = _profiled_peak(prof)
         before = sum(params.values()) + sum(t.untyped_storage().nbytes() for t in (src, tgt, labels))
@@ -1499,7 +1560,7 @@ def problem3(measure_default_kernel=True, measure_dropout=True):
 
 
 # %%
-if RUN:
+if RUN and not CFG.skip_answers:
     ANSWERS["p3"] = problem3()
 
 # %% [markdown]
@@ -1646,7 +1707,7 @@ def markdown_block_text(text, key):
 
 
 T_ANSWERS = time.time() - T_START if RUN else 0.0
-if RUN:
+if RUN and not CFG.skip_answers:
     print(answers_table(ANSWERS))
 if RUN and CFG.answers_only:
     write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)
@@ -1992,32 +2053,24 @@ def cuda_facts():
     return facts
 
 
-def _send_cuda_facts(conn):
-    conn.send(cuda_facts())
-    conn.close()
-
-
 def probe_cuda_facts():
     """cuda_facts() from a short forked child, so that this process has not initialised CUDA and
     can still fork training processes that use the GPUs (what accelerate's notebook_launcher
     requires of a notebook). Where CUDA is already up, or fork is unavailable, probe here."""
     if torch.cuda.is_initialized() or "fork" not in multiprocessing.get_all_start_methods():
         return cuda_facts()
-    ctx = multiprocessing.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_send_cuda_facts, args=(send,), daemon=True)
-    child.start()
-    send.close()
-    try:
-        facts = recv.recv() if recv.poll(300) else None
-    except EOFError:  # the child died (a broken driver): treat as no usable GPU
-        facts = None
-    child.join(10)
-    if child.is_alive():
-        child.kill()
-    if facts is None:
-        facts = dict(capability=None, arch=[], count=0, name=None, error=None, pid=child.pid,
+    status, facts = call_in_fork(cuda_facts, timeout=300)
+    if status == "failed":  # the child hung or crashed (a broken driver): probing here could too
+        facts = dict(capability=None, arch=[], count=0, name=None, error=None,
                      note="the CUDA probe process failed: running on the CPU")
+    elif status == "error":
+        # e.g. "CUDA error: initialization error": CUDA can't start in a forked child once this
+        # process has initialised the driver, which code before this point can do with
+        # torch.cuda.is_initialized() still False (torch.profiler does: p3_measure_step).
+        # Probe here instead: the GPU stays usable, and CUDA being up here then rules out
+        # forked training processes (choose_hardware says so).
+        fork_error, facts = facts, cuda_facts()
+        facts["note"] = f"a forked process can't start CUDA here ({fork_error}): probed in this process"
     return facts
 
 
@@ -2035,7 +2088,7 @@ def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
     if want > 1 and torchrun_world is None and not can_fork:
         want, note = 1, ("CUDA is already initialised in this process (an earlier run in this "
                          "notebook kernel?), so no training processes can be forked: training in "
-                         "one process; restart the kernel to use every GPU")
+                         "one process; restart the kernel to use every GPU (or run under torchrun)")
     elif device == "cuda" and want > n_gpus:
         note = (f"{want} processes share {n_gpus} GPU(s) over gloo: a correctness check, not a "
                 "speed-up")
@@ -2265,7 +2318,10 @@ if RUN and not CFG.answers_only:
 #   per GPU (`torch.multiprocessing.start_processes(..., start_method="fork")`): fork works for
 #   functions defined in a notebook, and the workers inherit the data already loaded. A forked
 #   child cannot use CUDA once the parent has initialised it, so the hardware probe (which needs
-#   a real CUDA op) runs in a short child process of its own. Under `torchrun` every rank runs this
+#   a real CUDA op) runs in a short child process of its own, and so does Problem 3's profiled
+#   step where a GPU is (`torch.profiler` initialises the driver). Forked processes run their CPU
+#   ops on one thread: GNU OpenMP is not fork-safe, and a child on 2+ threads hangs in its first
+#   parallel op. Under `torchrun` every rank runs this
 #   file; ranks 1.. skip Problems 1-3 and the outputs and only train. `--gpus N --device cpu`
 #   starts N CPU processes over gloo: the tests' way to run this path without a GPU.
 # * **The batch** of a preset is the *global* batch: each of the N ranks takes a disjoint 1/N
@@ -2366,7 +2422,9 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
     n_gpus = torch.cuda.device_count() if cuda else 0
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % n_gpus)
-    else:
+    if store_dir is not None:  # forked: GNU OpenMP would hang in the first parallel op (_one_thread_then)
+        torch.set_num_threads(1)
+    elif not cuda:
         torch.set_num_threads(max(1, usable_cpus() // world))  # share the cores
     backend = "nccl" if cuda and world <= n_gpus else "gloo"  # NCCL refuses two ranks per GPU
     if store_dir is None:  # torchrun: MASTER_ADDR/PORT, RANK, WORLD_SIZE from the environment
@@ -2587,20 +2645,21 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g, steps):
-    """≈ U Vᵀ of the matrix g = U S Vᵀ (all singular values → ~1), by Newton-Schulz iteration.
+    """≈ U Vᵀ of the matrix g = U S Vᵀ (all singular values → ~1), by Newton-Schulz iteration;
+    of each matrix, for a stack of same-shaped ones (the last two dimensions), in one batch.
 
     Matmuls only (deterministic, cheap for conv filters of at most 512 × 4608); bf16 on a GPU
     as Muon does, fp32 on the CPU, where bf16 matmuls are slow without native support."""
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32).reshape(-1, *g.shape[-2:])
+    tall = x.size(1) > x.size(2)
     if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the map's range
+        x = x.mT
+    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the map's range
     for _ in range(steps):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    return (x.T if tall else x).to(g.dtype)
+        s = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)  # a x + (b s + c s²) x
+    return (x.mT if tall else x).reshape(g.shape).to(g.dtype)
 
 
 class MuonSGD(torch.optim.SGD):
@@ -2616,18 +2675,30 @@ class MuonSGD(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            if not group.get("muon"):
+            params = [p for p in group["params"] if p.grad is not None] if group.get("muon") else []
+            if not params:
                 continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].get("muon_momentum")
-                if buf is None:
-                    buf = self.state[p]["muon_momentum"] = torch.zeros_like(p)
-                buf.mul_(group["momentum"]).add_(p.grad)
-                d = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                p.mul_(p.size(0) ** 0.5 / p.norm())
-                p.add_(orthogonalize(d.reshape(len(d), -1), group["ns_steps"]).view_as(p), alpha=-group["lr"])
+            for p in params:
+                if "muon_momentum" not in self.state[p]:
+                    self.state[p]["muon_momentum"] = torch.zeros_like(p)
+            bufs = [self.state[p]["muon_momentum"] for p in params]
+            grads = [p.grad for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            steps = torch._foreach_add(grads, bufs, alpha=group["momentum"])  # Nesterov
+            # Filters of one shape are updated as one stack, one batched matmul per shape: per
+            # filter, the ~40 small kernels of a step cost more GPU time in launches than in
+            # arithmetic (BENCHMARKS.md: Muon's epoch 40 % slower than SGD's on an H200)
+            by_shape = {}
+            for p, d in zip(params, steps):
+                by_shape.setdefault(p.shape, []).append((p, d))
+            for shape, pairs in by_shape.items():
+                w = torch.stack([p for p, _ in pairs])
+                d = torch.stack([d for _, d in pairs]).flatten(2)
+                w.mul_(shape[0] ** 0.5 / w.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)))
+                w.add_(orthogonalize(d, group["ns_steps"]).view_as(w), alpha=-group["lr"])
+                torch._foreach_copy_([p for p, _ in pairs], list(w.unbind(0)))
+            for p in params:
                 p.grad = None  # done: SGD's step below skips parameters without a gradient
         return super().step(closure)
 
@@ -3097,7 +3168,8 @@ if RUN and not CFG.answers_only:
         seconds=dict(answers=round(T_ANSWERS, 2), data=round(T_DATA, 2), train=round(T_TRAIN, 2),
                      predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2)),
     )
-    write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)
+    if not CFG.skip_answers:
+        write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)
     write_json(os.path.join(CFG.output_dir, "metrics.json"), METRICS)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print(f"done | preset {CFG.preset} | val_acc {fmt(VAL_ACC)} | test_acc {fmt(TEST_ACC)} | "

@@ -7,6 +7,7 @@ state_dict to OUT/../rank<R>.sha256. MODE injects a fault: `ok` none; `raise` ra
 HW2Error at step 3 while rank 0 trains on (and blocks in the next all-reduce); `hang` rank 1
 raises while rank 0 sleeps outside any collective; `interrupt` every rank stops at the first
 step of epoch 2 (checkpoint.pt holds epoch 1); `slow` every step sleeps 0.5 s (for Ctrl-C).
+Env DDP_HELPER_CPUS=N: usable_cpus() says N, and the parent runs a parallel op on N threads first.
 """
 import hashlib
 import os
@@ -88,6 +89,12 @@ if mode == "grads":
     sys.exit(0)
 
 hw2.train_rank, hw2.lr_factor = train_rank, lr_factor
+if os.environ.get("DDP_HELPER_CPUS"):  # a machine with more cores, whose parent used them all
+    import torch                       # before forking (the notebook: Problems 1-3)
+    n_cpus = int(os.environ["DDP_HELPER_CPUS"])
+    hw2.usable_cpus = lambda: n_cpus
+    torch.set_num_threads(n_cpus)
+    torch.ones(2**22).add_(1)          # a parallel region: GNU OpenMP starts its worker threads
 cfg = hw2.parse_config(["--preset", "smoke", "--output-dir", out, *flags])
 cfg.output_dir = hw2.prepare_output_dir(cfg.output_dir)
 hw = hw2.choose_hardware(cfg)

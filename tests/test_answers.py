@@ -3,6 +3,7 @@
 Each answer is recomputed here independently (plain-Python arithmetic, torch autograd,
 real nn.Conv2d / nn.Transformer modules) and compared with what hw2 returns.
 """
+import copy
 import json
 import math
 import os
@@ -351,6 +352,27 @@ def test_p3_profiled_peak_sees_a_transient_buffer():
     assert got["bytes_before_step"] == before
     assert before + 2**23 <= got["peak_bytes"] < before + 2**23 + 2**16, got
     del keep_alive
+
+
+def test_p3_profiled_step_runs_in_a_forked_child_and_leaves_the_net_alone(monkeypatch):
+    # torch.profiler initialises the CUDA driver where a GPU is; done in this process, that would
+    # stop every child forked later (the hardware probe, multi-GPU ranks) from using the GPU
+    torch.manual_seed(4)
+    net = hw2.P3Seq2Seq(dict(CFG, max_len=64))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert hw2.p3_measure_step(net, batch=3, src_len=40, tgt_len=24)["pid"] == os.getpid()  # no GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # as NVML answers on a GPU machine
+    torch.ones(2**22).add_(1)  # this process's OpenMP threads are up: the child must not need them
+    forked = hw2.p3_measure_step(net, batch=3, src_len=40, tgt_len=24)
+    assert forked["pid"] != os.getpid()
+    unprofiled = hw2.p3_measure_step(net, batch=3, src_len=40, tgt_len=24, peak=False)
+    assert unprofiled["pid"] == os.getpid() and "peak_bytes" not in unprofiled
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # both on copies
+    here = hw2.p3_measure_step_here(copy.deepcopy(net), batch=3, src_len=40, tgt_len=24)
+    assert here["pid"] == os.getpid()
+    assert (here["saved_bytes"], here["loss"]) == (forked["saved_bytes"], forked["loss"])
+    assert unprofiled["saved_bytes"] == forked["saved_bytes"]
+    assert abs(here["peak_bytes"] / forked["peak_bytes"] - 1) < 0.01, (here, forked)
 
 
 def test_p3_peak_estimate_generalises_to_other_shapes():

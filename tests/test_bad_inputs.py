@@ -436,11 +436,12 @@ def test_output_dir_not_writable(tmp_path):
     (["--epochs", "0"], {}, r"--epochs 0: must be at least 1"),
     (["--val-size", "-1"], {}, r"--val-size -1: must be 0 or more"),
     (["--resume", "--predict-only"], {}, r"exclude each other"),
+    (["--answers-only"], {"HW2_SKIP_ANSWERS": "1"}, r"--answers-only and --skip-answers exclude each other"),
     ([], {"HW2_ANSWERS_ONLY": "maybe"}, r"HW2_ANSWERS_ONLY='maybe': expected 1/0"),
     ([], {"HW2_EPOCHS": "abc"}, r"HW2_EPOCHS='abc': expected an integer"),
     (["--widths", "128,384"], {}, r"--widths 128,384: expected three whole numbers >= 1"),
     ([], {"HW2_WIDTHS": "0,8,8"}, r"--widths 0,8,8: expected three whole numbers >= 1"),
-], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
+], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "answers_only_and_skip_answers", "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
         "widths_two", "HW2_WIDTHS_zero"])
 def test_bad_flag_values(args, env, phrase, tmp_path):
     out = tmp_path / "out"

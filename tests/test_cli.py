@@ -39,6 +39,15 @@ def test_answers_only_writes_valid_json(answers_run):
     assert "train_loss" not in proc.stdout
 
 
+def test_skip_answers_trains_without_problems_1_to_3(tmp_path):
+    out = tmp_path / "out"
+    proc = run_hw2("--preset", "smoke", "--skip-answers", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Problem 1" not in proc.stdout and "train_loss" in proc.stdout
+    assert "answers.json" not in os.listdir(out) and "model.pt" in os.listdir(out)
+    assert json.loads((out / "metrics.json").read_text())["seconds"]["answers"] < 1.0
+
+
 def test_env_vars_work_like_flags(tmp_path):
     out = tmp_path / "from-env"
     proc = run_hw2(env={"HW2_ANSWERS_ONLY": "1", "HW2_OUTPUT_DIR": str(out)})

@@ -24,9 +24,9 @@ HELPER = os.path.join(ROOT, "tests", "ddp_helper.py")
 TABLE_HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
 
 
-def helper(mode, out, *flags, timeout=300):
+def helper(mode, out, *flags, timeout=300, **extra_env):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", **extra_env)
     t0 = time.time()
     res = subprocess.run([sys.executable, HELPER, mode, str(out), *map(str, flags)], capture_output=True,
                          text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -97,6 +97,27 @@ def test_hardware_probe_runs_in_a_child_process():
     assert set(facts) >= {"capability", "arch", "count", "name", "error"}
 
 
+def test_hardware_probe_falls_back_to_this_process_when_a_fork_cant_start_cuda(monkeypatch):
+    # Seen on an H200: Problem 3's torch.profiler initialised the driver in the parent (with
+    # torch.cuda.is_initialized() still False), CUDA then failed in the forked probe, and the whole
+    # run fell back to the CPU. The child's failure must lead to a probe here, not to "no GPU".
+    parent, real = os.getpid(), hw2.cuda_facts
+
+    def facts_but_not_in_a_fork():
+        if os.getpid() != parent:
+            raise RuntimeError("CUDA error: initialization error\nmore detail")
+        return dict(real(), count=1, name="probed here")
+
+    monkeypatch.setattr(hw2, "cuda_facts", facts_but_not_in_a_fork)
+    facts = hw2.probe_cuda_facts()
+    assert facts["pid"] == parent and facts["name"] == "probed here" and facts["count"] == 1
+    assert "initialization error" in facts["note"] and "more detail" not in facts["note"]
+    # positive control: a child that can start CUDA answers from the child, with no note
+    monkeypatch.setattr(hw2, "cuda_facts", real)
+    facts = hw2.probe_cuda_facts()
+    assert facts["pid"] != parent and "note" not in facts
+
+
 def test_choose_hardware_reports_world_size(monkeypatch):
     import argparse
     cfg = argparse.Namespace(device="cpu", precision="auto", compile=False, preset="smoke", gpus="2")
@@ -135,6 +156,23 @@ def test_two_ranks_end_with_identical_weights(two_rank_run):
     assert sorted(os.listdir(d / "out")) == ["checkpoint.pt", "model.pt"]  # no temp files
     ck = torch.load(d / "out" / "checkpoint.pt", weights_only=True)
     assert ck["identity"]["world_size"] == 2
+
+
+def test_forked_ranks_do_not_hang_after_the_parent_used_many_threads(tmp_path):
+    # GNU OpenMP is not fork-safe: a forked rank that ran its CPU ops on 2+ threads waited forever
+    # in its first parallel region, once the parent had used its own threads (as the notebook's
+    # Problems 1-3 do), e.g. 2 ranks on a 4-core Kaggle machine
+    out = tmp_path / "out"
+    try:
+        res = helper("ok", out, "--gpus", 2, "--device", "cpu", timeout=120, DDP_HELPER_CPUS="4")
+    except subprocess.TimeoutExpired:
+        res = None
+    finally:
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+    assert res is not None, "the forked ranks hung"
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sha(tmp_path / "rank0.sha256") == sha(tmp_path / "rank1.sha256")
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(two_rank_run, tmp_path):
