@@ -1264,6 +1264,10 @@ def _profiled_peak(prof):
 
 
 def _send_call(conn, fn, args, kwargs):
+    # GNU OpenMP (torch's CPU threads) is not fork-safe: a forked child's first parallel region
+    # waits forever for the parent's worker threads (a test reproduces it) unless the child runs
+    # its CPU ops on one thread
+    torch.set_num_threads(1)
     try:
         result = ("ok", fn(*args, **kwargs))
     except Exception as e:
@@ -1272,23 +1276,13 @@ def _send_call(conn, fn, args, kwargs):
     conn.close()
 
 
-def _one_thread_then(fn):
-    def run(*args, **kwargs):
-        # GNU OpenMP (torch's CPU threads) is not fork-safe: a forked child's first parallel
-        # region waits forever for the parent's worker threads (a test reproduces it) unless
-        # the child runs its CPU ops on one thread
-        torch.set_num_threads(1)
-        return fn(*args, **kwargs)
-    return run
-
-
 def call_in_fork(fn, *args, timeout=600, **kwargs):
     """fn(*args, **kwargs) in a forked child process on one CPU thread, whose side effects stay
     there: ("ok", result), ("error", one line) if it raised, or ("failed", None) if it died or
     hung."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_send_call, args=(send, _one_thread_then(fn), args, kwargs), daemon=True)
+    child = ctx.Process(target=_send_call, args=(send, fn, args, kwargs), daemon=True)
     child.start()
     send.close()
     try:
@@ -2423,7 +2417,7 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
     n_gpus = torch.cuda.device_count() if cuda else 0
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % n_gpus)
-    if store_dir is not None:  # forked: GNU OpenMP would hang in the first parallel op (_one_thread_then)
+    if store_dir is not None:  # forked: GNU OpenMP would hang in the first parallel op (_send_call)
         torch.set_num_threads(1)
     elif not cuda:
         torch.set_num_threads(max(1, usable_cpus() // world))  # share the cores

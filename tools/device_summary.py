@@ -94,8 +94,8 @@ def summary(runs_path, log_path):
             same = ok[a]["sha256"] == ok[b]["sha256"] and ok[a]["sha256"] is not None
             out.append(f"{a} vs {b}: submission.csv {'IDENTICAL' if same else 'DIFFERENT'} "
                        f"({ok[a]['sha256']} / {ok[b]['sha256']})")
-    # fast_s0 is left out of the cost: as the call's first fast process it pays one-off costs (its
-    # first epoch took 4.7 s against 1.5 s in every later process on an H200)
+    # fast_s0 is left out of the cost: it can be the call's first hw2 process, which pays one-off
+    # costs (on an H200 its first epoch took 4.7 s against 1.5 s in every later process)
     base = [ok[n] for n in ("fast_s0_again",) if n in ok]
     det = [ok[n] for n in ("fast_s0_det", "fast_s0_det_again") if n in ok]
     if base and det:
