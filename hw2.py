@@ -264,6 +264,7 @@ def _truthy(text, name):
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("preset", "sgd", "muon")
+AUTOTUNE = ("on", "off")
 
 
 def build_parser():
@@ -290,6 +291,9 @@ def build_parser():
                    default=_truthy(_env_flag("deterministic"), "deterministic"),
                    help="deterministic GPU kernels (no cuDNN autotuning): same seed + same GPU + same "
                         "torch => byte-identical submission.csv; CPU runs are always deterministic")
+    p.add_argument("--autotune", choices=AUTOTUNE, default=_env_choice("autotune", AUTOTUNE),
+                   help="cuDNN autotuning on a GPU: times every candidate kernel of each convolution "
+                        "once, keeps the fastest (default on; off with --deterministic)")
     p.add_argument("--checkpoint-every", type=float, default=_env_number("checkpoint_every", 60.0, float),
                    metavar="SECONDS", help="write checkpoint.pt at the first epoch end this long after "
                                            "the last one (0: every epoch) and after the last epoch")
@@ -352,6 +356,10 @@ def parse_config(argv=None):
         raise HW2Error("--resume and --predict-only exclude each other")
     if cfg.answers_only and cfg.skip_answers:
         raise HW2Error("--answers-only and --skip-answers exclude each other")
+    if cfg.deterministic and cfg.autotune == "on":
+        raise HW2Error("--deterministic and --autotune on exclude each other: autotuning picks the "
+                       "kernels that were fastest this time, which can differ run to run")
+    cfg.autotune = cfg.autotune or ("off" if cfg.deterministic else "on")
     cfg.seed = int(cfg.seed)
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join(KAGGLE_ROOT, "working") if on_kaggle() else "outputs"
@@ -370,15 +378,18 @@ def on_kaggle():
     return os.path.isdir(os.path.join(KAGGLE_ROOT, "working"))
 
 
-def configure_determinism(deterministic):
-    """Same seed, same GPU, same torch => same bytes. Call before CUDA is first used."""
+def configure_determinism(deterministic, autotune=None):
+    """Same seed, same GPU, same torch => same bytes. Call before CUDA is first used.
+
+    `autotune` ("on"/"off", default: off exactly when deterministic): cuDNN times every candidate
+    kernel of each new convolution shape and keeps the fastest. That costs seconds at the first
+    step (BENCHMARKS.md) and buys faster steps; the winner can change run to run."""
     if deterministic:
         # cuBLAS picks its workspace (and so its reduction order) when its handle is made
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)  # raises on an op without a deterministic kernel
     torch.backends.cudnn.deterministic = deterministic
-    # autotuning times candidate kernels and keeps the fastest: the winner can change run to run
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = (autotune or ("off" if deterministic else "on")) == "on"
 
 
 _CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
@@ -495,7 +506,7 @@ if RUN:
     CFG = parse_config()
     CFG.output_dir = prepare_output_dir(CFG.output_dir)
     precheck_paths(CFG)
-    configure_determinism(CFG.deterministic)
+    configure_determinism(CFG.deterministic, CFG.autotune)
     T_START = time.time()
     print(f"hw2 | python {platform.python_version()} | torch {torch.__version__} | "
           f"output -> {CFG.output_dir}")
@@ -2240,7 +2251,8 @@ def init_whitening(conv, images, eps=5e-4):
     c, h, w = images.shape[1], *conv.weight.shape[2:]
     patches = images.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w).float()
     cov = patches.T @ patches / len(patches)
-    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    # a 12×12 problem: on the CPU, so that a GPU run never loads cuSOLVER just for this
+    eigval, eigvec = (t.to(cov.device) for t in torch.linalg.eigh(cov.cpu()))  # ascending
     filters = (eigvec.T / torch.sqrt(eigval + eps)[:, None]).flip(0).reshape(-1, c, h, w)
     conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
 
@@ -2331,7 +2343,7 @@ if RUN and not CFG.answers_only:
 #   The running statistics, the only state that differs between ranks, are averaged across
 #   ranks at each epoch end: all ranks hold identical weights (a test compares checksums),
 #   checkpoints describe every rank. After the last epoch every rank recomputes them from the
-#   same 10,000 training images (`recompute_bn_stats`), and one more average evens out the last bits.
+#   same ~10,000 training images (`recompute_bn_stats`), and one more average evens out the last bits.
 # * **Outputs.** Only rank 0 prints and writes `checkpoint.pt` and `model.pt`; prediction and the
 #   other outputs happen once, after training. `--resume` needs the same number of processes
 #   (the checkpoint records it) and says so otherwise; `metrics.json` records `world_size`.
@@ -2520,7 +2532,7 @@ def torchrun_follower():
     with contextlib.redirect_stderr(io.StringIO()):  # rank 0 already printed any warning
         cfg = parse_config()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
-    configure_determinism(cfg.deterministic)
+    configure_determinism(cfg.deterministic, cfg.autotune)
     hw = choose_hardware(cfg)
     cfg.preset = hw["preset"]
     train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
@@ -2555,8 +2567,10 @@ def torchrun_follower():
 #   The loss is a *sum* over the batch, so weight gradients grow with the batch: the scaler starts
 #   at a scale measured to keep them inside fp16's range (`fp16_loss_scale`), not at 65536.
 # * After training, the BatchNorm statistics are recomputed for the final (averaged) weights with
-#   one pass over 10,000 training images: the running averages trail the weights, which costs
-#   accuracy in short runs.
+#   one pass over ~10,000 training images in batches of the training size: the running averages
+#   trail the weights, which costs accuracy in short runs. Prediction also runs at the training
+#   batch size (the last chunk padded on a GPU), so each convolution has one shape per run, and
+#   cuDNN's autotuning (`--autotune`, on by default) times its kernels once.
 # * A checkpoint (`checkpoint.pt`) about once a minute and after the last epoch, so `--resume`
 #   continues a run that Kaggle killed; on CUDA out-of-memory the run restarts once at half the
 #   batch size. `--deterministic` trades cuDNN autotuning for bit-exact reruns on the same GPU.
@@ -2618,9 +2632,9 @@ class Lookahead:
     @torch.no_grad()
     def update(self, model, decay):
         state = model.state_dict()
-        for k, slow in self.slow.items():
-            slow.lerp_(state[k], 1 - decay)
-            state[k].copy_(slow)
+        slow, fast = list(self.slow.values()), [state[k] for k in self.slow]
+        torch._foreach_lerp_(slow, fast, 1 - decay)  # a few kernels for all 48 tensors, not 2 each
+        torch._foreach_copy_(fast, slow)
 
 
 def lr_factor(step, total, warmup):
@@ -2735,11 +2749,20 @@ def progress(i, n, t0, width=30):
 
 
 @torch.no_grad()
-def predict_logits(model, images_u8, device, precision, tta=0, batch_size=1000):
-    """Logits for uint8 images; tta 1 = average with the mirror image, 2 = also ±1-pixel shifts."""
+def predict_logits(model, images_u8, device, precision, tta=0, batch_size=1024, pad=None):
+    """Logits for uint8 images; tta 1 = average with the mirror image, 2 = also ±1-pixel shifts.
+
+    `pad` (default: on a GPU) fills a short last chunk up to `batch_size` with blank images and
+    drops their logits. In eval mode every image's logits are its own, so nothing changes but
+    the shape: at the training batch size every convolution keeps the one shape it trained at,
+    which cuDNN autotunes (and torch.compile traces) once per run instead of once per shape."""
+    pad = device == "cuda" if pad is None else pad
     model.eval()
     out = []
     for chunk in torch.from_numpy(images_u8).split(batch_size):
+        n = len(chunk)
+        if pad and n < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros(batch_size - n, *chunk.shape[1:])])
         x = normalize(chunk.to(device)).contiguous(memory_format=torch.channels_last)
         with autocast_ctx(device, precision):
             def mirror(v):
@@ -2749,7 +2772,7 @@ def predict_logits(model, images_u8, device, precision, tta=0, batch_size=1000):
                 padded = F.pad(x, (1,) * 4, mode="reflect")
                 shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # up-left, down-right
                 logits = 0.5 * logits + 0.25 * sum(mirror(s) for s in shifted)
-        out.append(logits.cpu())
+        out.append(logits[:n].cpu())
     return torch.cat(out)
 
 
@@ -2804,18 +2827,21 @@ def fp16_loss_scale(batch_size, margin=4.0):
 
 
 @torch.no_grad()
-def recompute_bn_stats(model, images_u8, device, precision, n_images=10000, batch_size=1000):
+def recompute_bn_stats(model, images_u8, device, precision, batch_size, n_images=10000):
     """BatchNorm running statistics of the final weights, from one pass over training images.
 
     During training the running averages (momentum 0.1) trail weights that keep moving, and
     lookahead averages them across steps: in short runs they describe none of the weights the
-    model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that."""
+    model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that.
+    The pass takes whole batches of the training batch size (~`n_images` in all): the
+    statistics are those of the batches the net trained on, and the shapes are the trained ones."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative (equal-weight) average over the pass
     model.train()
+    n_images = max(1, round(n_images / batch_size)) * batch_size
     for chunk in images_u8[:n_images].split(batch_size):
         with autocast_ctx(device, precision):
             model(normalize(chunk).contiguous(memory_format=torch.channels_last))
@@ -2915,8 +2941,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         row = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=correct.item() / seen,
                    val_acc=None, lr=opt.param_groups[1]["lr"], seconds=0.0)
         if len(data["val_x"]) and (epoch + 1 == epochs or cfg.preset not in ("quick", "fast")):
-            row["val_acc"] = accuracy(predict_logits(model, data["val_x"], device, precision),
-                                      data["val_y"])
+            row["val_acc"] = accuracy(predict_logits(model, data["val_x"], device, precision,
+                                                     batch_size=batch_size), data["val_y"])
         row["seconds"] = time.time() - t0
         history.append(row)
         log(_epoch_line(row))
@@ -2930,7 +2956,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
                         bytes=os.path.getsize(ckpt_path))
     if scaler is not None:  # one skipped step per halving: init/end tells how many overflowed
         stats["fp16_scale"] = dict(init=fp16_loss_scale(batch_size), end=scaler.get_scale())
-    recompute_bn_stats(model, train_x, device, precision)
+    recompute_bn_stats(model, train_x, device, precision, batch_size)
     return model, history
 
 
@@ -2970,7 +2996,8 @@ def train_with_oom_retry(data, hp, hw, cfg, stats=None):
 if RUN and not CFG.answers_only:
     print(f"run: preset {CFG.preset} | seed {CFG.seed} | device {HW['device']} ({HW['name']}) | "
           f"precision {HW['precision']} | torch {torch.__version__} | epochs {CFG.epochs or HP['epochs']}"
-          f" | optimizer {optimizer_name(HP)} | deterministic {CFG.deterministic}")
+          f" | optimizer {optimizer_name(HP)} | deterministic {CFG.deterministic}"
+          f"{' | autotune off' if HW['device'] == 'cuda' and CFG.autotune == 'off' else ''}")
     TRAIN_STATS = {}
     if HW["device"] == "cpu":
         torch.set_num_threads(usable_cpus())
@@ -3123,13 +3150,14 @@ if RUN and not CFG.answers_only:
     VAL_ACC = TEST_ACC = None
     VAL_CM = None
     if len(DATA["val_x"]):
-        _vl = predict_logits(MODEL, DATA["val_x"], DEV, PREC, tta=HP["tta"])
+        _vl = predict_logits(MODEL, DATA["val_x"], DEV, PREC, tta=HP["tta"], batch_size=BATCH_SIZE)
         VAL_ACC = accuracy(_vl, DATA["val_y"])
         VAL_CM = confusion(_vl.argmax(1).numpy(), DATA["val_y"])
     TEST_PRED = None
     OUTPUTS = {}
     if DATA["test_x"] is not None:
-        TEST_PRED = predict_logits(MODEL, DATA["test_x"], DEV, PREC, tta=HP["tta"]).argmax(1).numpy()
+        TEST_PRED = predict_logits(MODEL, DATA["test_x"], DEV, PREC, tta=HP["tta"],
+                                   batch_size=BATCH_SIZE).argmax(1).numpy()
         if DATA["test_y"] is not None:
             TEST_ACC = float((TEST_PRED == DATA["test_y"]).mean())
         SUB = make_submission(TEST_PRED, DATA["sample"])
@@ -3150,7 +3178,7 @@ if RUN and not CFG.answers_only:
         cpu=cpu_record(),
         # what a reproduction must match: same accelerator, same seed, same torch/CUDA/cuDNN
         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if HW["device"] == "cuda" else None,
-        deterministic=CFG.deterministic, compile=HW["compile"],
+        deterministic=CFG.deterministic, autotune=CFG.autotune, compile=HW["compile"],
         submission_sha256=sha256_file(OUTPUTS["submission"]) if "submission" in OUTPUTS else None,
         flops=FLOPS,
         checkpoint=TRAIN_STATS.get("checkpoint"), fp16_scale=TRAIN_STATS.get("fp16_scale"),

@@ -437,11 +437,13 @@ def test_output_dir_not_writable(tmp_path):
     (["--val-size", "-1"], {}, r"--val-size -1: must be 0 or more"),
     (["--resume", "--predict-only"], {}, r"exclude each other"),
     (["--answers-only"], {"HW2_SKIP_ANSWERS": "1"}, r"--answers-only and --skip-answers exclude each other"),
+    (["--deterministic", "--autotune", "on"], {}, r"--deterministic and --autotune on exclude each other"),
     ([], {"HW2_ANSWERS_ONLY": "maybe"}, r"HW2_ANSWERS_ONLY='maybe': expected 1/0"),
     ([], {"HW2_EPOCHS": "abc"}, r"HW2_EPOCHS='abc': expected an integer"),
     (["--widths", "128,384"], {}, r"--widths 128,384: expected three whole numbers >= 1"),
     ([], {"HW2_WIDTHS": "0,8,8"}, r"--widths 0,8,8: expected three whole numbers >= 1"),
-], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "answers_only_and_skip_answers", "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
+], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "answers_only_and_skip_answers", "deterministic_and_autotune",
+        "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
         "widths_two", "HW2_WIDTHS_zero"])
 def test_bad_flag_values(args, env, phrase, tmp_path):
     out = tmp_path / "out"
@@ -461,7 +463,7 @@ def test_bad_env_int_names_the_variable(tmp_path):
     assert not res.stderr.lstrip().startswith("usage:")
 
 
-@pytest.mark.parametrize("name", ["preset", "device", "precision"])
+@pytest.mark.parametrize("name", ["preset", "device", "precision", "autotune"])
 def test_bad_env_choice_is_rejected(name, monkeypatch):
     monkeypatch.setenv(f"HW2_{name.upper()}", "bogus")
     with pytest.raises(hw2.HW2Error, match="bogus"):

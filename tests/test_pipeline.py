@@ -163,6 +163,45 @@ def test_tta_averages_views():
     assert torch.allclose(l1, flipped, atol=1e-5)
 
 
+def test_prediction_pads_a_short_chunk_to_the_batch_shape(monkeypatch):
+    # On a GPU, the last chunk is filled up to the training batch size, so that every
+    # convolution sees one shape per run (one cuDNN autotune); the blank fill must change no logit
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16)).eval()
+    imgs = _batch(10).numpy()
+    shapes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: shapes.append(tuple(x.shape)) or forward(x))
+    plain = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=2, batch_size=4, pad=False)
+    assert sorted(set(shapes)) == [(2, 3, 32, 32), (4, 3, 32, 32)]
+    shapes.clear()
+    padded = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=2, batch_size=4, pad=True)
+    assert set(shapes) == {(4, 3, 32, 32)} and len(shapes) == 3 * 6  # 3 chunks, 6 views each
+    assert padded.shape == (10, 10) and torch.allclose(padded, plain, atol=1e-5)
+    shapes.clear()
+    hw2.predict_logits(model, imgs[:3], "cpu", "fp32", batch_size=8, pad=True)  # fewer than a batch
+    assert shapes == [(8, 3, 32, 32)]
+
+
+def test_bn_stats_are_recomputed_from_whole_training_batches(monkeypatch):
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16))
+    images = torch.from_numpy(_batch(100).numpy())
+    shapes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: shapes.append(tuple(x.shape)) or forward(x))
+    hw2.recompute_bn_stats(model, images, "cpu", "fp32", batch_size=16, n_images=60)
+    assert shapes == [(16, 3, 32, 32)] * 4  # round(60 / 16) whole batches, no short one
+    assert not model.training and model.groups[0].norm1.momentum == 0.1  # restored
+    # the statistics are those of the 64 images, in train mode: a plain cumulative average
+    norm = model.groups[0].norm1
+    seen = []
+    hook = norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0].mean(dim=(0, 2, 3))))
+    hw2.recompute_bn_stats(model, images, "cpu", "fp32", batch_size=16, n_images=60)
+    hook.remove()
+    assert torch.allclose(norm.running_mean, torch.stack(seen).mean(0), atol=1e-5)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     f = [hw2.lr_factor(s, 100, 0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.2) and max(f) == pytest.approx(1.0)

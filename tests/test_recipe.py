@@ -93,6 +93,25 @@ def test_last_sgd_steps_reach_the_final_weights(tmp_path, monkeypatch):
     assert not torch.equal(last[w], before_last[w])  # steps 11-14 are in the final weights
 
 
+def test_lookahead_update_is_a_lerp_then_a_copy_of_every_float_tensor():
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16))
+    la = hw2.Lookahead(model)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.add_(7)  # params and BN buffers move
+    fast = {k: v.clone() for k, v in model.state_dict().items()}
+    slow = {k: v.clone() for k, v in la.slow.items()}
+    la.update(model, 0.7)
+    assert "groups.0.norm1.running_mean" in la.slow and "groups.0.norm1.num_batches_tracked" not in la.slow
+    for k, v in model.state_dict().items():
+        if k in slow:
+            want = slow[k].lerp(fast[k], 0.3)  # slow <- slow + 0.3 (fast - slow), per tensor
+            assert torch.equal(la.slow[k], want) and torch.equal(v, want), k
+        else:
+            assert torch.equal(v, fast[k]), k  # integer counters are left alone
+
+
 # ---------------------------------------------------------------- fp16 loss scale
 def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
     """Batch 1024 of real images, the `fast` net at init, fp32 on the CPU. Under CUDA autocast the
@@ -192,14 +211,18 @@ def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkey
 # ---------------------------------------------------------------- BatchNorm statistics
 def test_batchnorm_statistics_describe_the_final_weights(tmp_path):
     """After training, the first BatchNorm's running mean/var are those of its input under the
-    final weights (computed here directly from the layers before it), not a trailing average."""
+    final weights (computed here directly from the layers before it), not a trailing average:
+    the mean over the training batches (of the training batch size) of each batch's statistics."""
     data = _data(n_train=640)
     model, _ = hw2.train(data, dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 2, 32, log=_quiet)
     g0 = model.groups[0]
     with torch.no_grad():
         x = hw2.normalize(torch.from_numpy(data["train_x"])).contiguous(memory_format=torch.channels_last)
         h = g0.pool(g0.conv1(F.gelu(model.whiten(x))))  # the input of groups[0].norm1
-    mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3))
+    batches = h.split(32)  # all 640 images (fewer than ~10,000), in 20 batches of 32
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0)  # BatchNorm's unbiased batch variance
+    assert not torch.allclose(var, h.var((0, 2, 3)), atol=1e-4, rtol=1e-3)  # not the pooled variance
     assert torch.allclose(g0.norm1.running_mean, mean, atol=1e-4, rtol=1e-4)
     assert torch.allclose(g0.norm1.running_var, var, atol=1e-4, rtol=1e-3)
     assert not model.training  # left in eval mode
@@ -255,6 +278,17 @@ def test_deterministic_flag_and_env(monkeypatch):
         hw2.parse_config([])
 
 
+def test_autotune_follows_deterministic_unless_set(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    assert hw2.parse_config([]).autotune == "on"
+    assert hw2.parse_config(["--deterministic"]).autotune == "off"
+    assert hw2.parse_config(["--autotune", "off"]).autotune == "off"
+    assert hw2.parse_config(["--deterministic", "--autotune", "off"]).autotune == "off"
+    monkeypatch.setenv("HW2_AUTOTUNE", "off")
+    assert hw2.parse_config([]).autotune == "off"
+
+
 def test_configure_determinism_sets_every_switch(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
@@ -267,6 +301,10 @@ def test_configure_determinism_sets_every_switch(monkeypatch):
         hw2.configure_determinism(False)
         assert not torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+        hw2.configure_determinism(False, "off")  # fast kernels, chosen by heuristics, not timing
+        assert not torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        hw2.configure_determinism(False, "on")
+        assert torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
@@ -349,6 +387,7 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     assert sub["Id"].tolist() == list(range(20)) and sub["Category"].between(0, 9).all()
     m = json.loads((out / "metrics.json").read_text())
     assert m["preset"] == "fast" and m["epochs"] == 1 and m["batch_size"] == 1024 and m["deterministic"] is True
+    assert m["autotune"] == "off"  # --deterministic implies it
     assert m["submission_sha256"] == hashlib.sha256((out / "submission.csv").read_bytes()).hexdigest()
     for key in ("torch", "cuda", "cudnn", "device_name", "seed", "compile"):
         assert key in m, key

@@ -36,9 +36,9 @@ def main():
     t0 = time.time()
     model, _ = hw2.train(data, hp, dict(device=device, precision=precision, compile=False), cfg, a.epochs,
                          hp["batch_size"], log=lambda s: None)
-    acc = lambda tta: hw2.accuracy(hw2.predict_logits(model, vx, device, precision, tta=tta), vy)
+    acc = lambda tta: hw2.accuracy(hw2.predict_logits(model, vx, device, precision, tta=tta, batch_size=hp["batch_size"]), vy)
     before = acc(0), acc(hp["tta"])
-    recompute(model, torch.from_numpy(tx).to(device), device, precision)
+    recompute(model, torch.from_numpy(tx).to(device), device, precision, min(hp["batch_size"], len(tx)))
     after = acc(0), acc(hp["tta"])
     steps = a.epochs * (len(tx) // min(hp["batch_size"], len(tx)))
     print(f"BN {a.preset} epochs {a.epochs} ({steps} steps) seed {a.seed} | val acc trailing stats "

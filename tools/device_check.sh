@@ -18,22 +18,24 @@
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)                  30
 #   preflight    hw2 fast, 1 epoch: stops the call if hw2.py fails or misses the GPU    25
 #   baseline     side_by_side.sh: airbench94 x3, airbench96 x2, hw2 full x2            140
-#   compile      fast --compile, full --compile (compile time included)               160
+#   autotune     fast and full seed 0 with --autotune off (cuDNN's first-step timing)    45
 #   fast         hw2 fast x2 seeds (Muon), seed 0 with --optimizer sgd, seed 0 in bf16   50
+#   compile      fast --compile, full --compile (compile time included)               160
 #   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS)  76
-#   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
+#   profile      fast's warm epochs under torch.profiler: GPU time by kernel kind        25
 #   determinism  fast seed 0 again (default kernels), fast --deterministic x2          45
-#   total                                                                            ~565
+#   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
+#   total                                                                            ~635
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
-# order above (what issue #7 still lacks first; `fast` and determinism were measured on
-# 2026-11-28 and are run again for the record), so a slow card still returns the most important
-# figures first. With a 15-minute lease (a minute or two of it the machine's start), run with
-# DEADLINE=555 and timeout_s=590 (at these estimates everything fits); if phases were skipped,
+# order above (what issue #7 still lacks first; determinism, measured on 2026-11-28, and the
+# SGD recipe are for the record, last), so a slow card still returns the most important figures
+# first. With a 15-minute lease (a minute or two of it the machine's start), run with
+# DEADLINE=555 and timeout_s=590 (at these estimates all but the last ~80 s fit); if phases were skipped,
 # then at once, while the card is warm (it goes back after 30 s idle), e.g.
-# PHASES="fullsgd determinism" DEADLINE=100 with what is left.
-# Knobs: PHASES ("preflight baseline compile fast fullalt fullsgd determinism"), DEADLINE,
+# PHASES="determinism fullsgd" DEADLINE=100 with what is left.
+# Knobs: PHASES ("preflight baseline autotune fast compile fullalt profile determinism fullsgd"), DEADLINE,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
-# try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PY, W.
+# try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$(date +%s)
@@ -47,6 +49,7 @@ if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   FULL_ARGS=${FULL_ARGS:---preset smoke --epochs 2 --skip-answers}; FAST_ARGS=${FAST_ARGS:---preset smoke --epochs 1 --optimizer muon --skip-answers}
   FULL_RUNS=${FULL_RUNS:-1}; FAST_RUNS=${FAST_RUNS:-2}; FULL_SGD_ARGS=${FULL_SGD_ARGS:---optimizer sgd --epochs 3}
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 8,16,32 --epochs 1}
+  PROFILE_PRESET=${PROFILE_PRESET:-smoke}; PROFILE_ARGS=${PROFILE_ARGS:---n-train 2048}
 else
   PY=${PY:-python3}
   # --skip-answers: Problems 1-3 (~7-10 s a process) are the same in every run; skipped, the
@@ -54,8 +57,9 @@ else
   FULL_ARGS=${FULL_ARGS:---preset full --skip-answers}; FAST_ARGS=${FAST_ARGS:---preset fast --skip-answers}
   FULL_SGD_ARGS=${FULL_SGD_ARGS:---widths 128,512,512 --optimizer sgd --epochs 30}  # the recipe before Muon (0.934 on an H200)
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 128,384,512 --epochs 35}  # airbench96's widths, same FLOPs (proxy: level)
+  PROFILE_PRESET=${PROFILE_PRESET:-fast}; PROFILE_ARGS=${PROFILE_ARGS:-}
 fi
-PHASES=${PHASES:-preflight baseline compile fast fullalt fullsgd determinism}
+PHASES=${PHASES:-preflight baseline autotune fast compile fullalt profile determinism fullsgd}
 DEADLINE=${DEADLINE:-500}
 ANCHORS=.device/anchors
 [ -f "$ANCHORS/side_by_side.sh" ] || { echo "device_check: $ANCHORS missing: mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/"; exit 2; }
@@ -116,9 +120,12 @@ if phase baseline 140; then
   done
 fi
 
-if phase compile 60; then
-  hw2_run fast_s0_compile $FAST_ARGS --seed 0 --compile
-  if fits "compile (full)" 100; then hw2_run full_s0_compile $FULL_ARGS --seed 0 --compile; fi
+# cuDNN autotuning times every candidate kernel at a convolution's first call: `full`'s first
+# epoch took 5 s against 0.55 s for the later ones (H200, 2026-11-27). Off, cuDNN's heuristics
+# pick at once; the question is what the later epochs lose
+if phase autotune 45; then
+  hw2_run fast_s0_noat $FAST_ARGS --seed 0 --autotune off
+  if fits "autotune (full)" 35; then hw2_run full_s0_noat $FULL_ARGS --seed 0 --autotune off; fi
 fi
 
 if phase fast 50; then
@@ -129,12 +136,18 @@ if phase fast 50; then
   hw2_run fast_s0_bf16 $FAST_ARGS --seed 0 --precision bf16
 fi
 
+if phase compile 60; then
+  hw2_run fast_s0_compile $FAST_ARGS --seed 0 --compile
+  if fits "compile (full)" 100; then hw2_run full_s0_compile $FULL_ARGS --seed 0 --compile; fi
+fi
+
 if phase fullalt 76; then  # the widths were chosen on a CPU proxy: the other choice beside them
   for s in $(seq 0 $(( ${FULL_RUNS:-2} - 1 ))); do hw2_run "fullalt_s$s" $FULL_ARGS --seed "$s" $FULL_ALT_ARGS; done
 fi
 
-if phase fullsgd 38; then  # full's SGD recipe before Muon, for the record
-  hw2_run full_s0_sgd $FULL_ARGS --seed 0 $FULL_SGD_ARGS
+if phase profile 25; then  # where a warm epoch's GPU time goes (kernel kinds, launches, syncs)
+  "$PY" tools/step_profile.py --preset "$PROFILE_PRESET" --data-dir "$W/split" $PROFILE_ARGS 2>&1 \
+    | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
 fi
 
 if phase determinism 45; then  # same seed, same card: byte-identical submission.csv?
@@ -142,6 +155,10 @@ if phase determinism 45; then  # same seed, same card: byte-identical submission
   hw2_run fast_s0_again $FAST_ARGS --seed 0
   hw2_run fast_s0_det $FAST_ARGS --seed 0 --deterministic
   hw2_run fast_s0_det_again $FAST_ARGS --seed 0 --deterministic
+fi
+
+if phase fullsgd 38; then  # full's SGD recipe before Muon, for the record
+  hw2_run full_s0_sgd $FULL_ARGS --seed 0 $FULL_SGD_ARGS
 fi
 
 "$PY" tools/device_summary.py summary "$OUT/runs.jsonl" "$OUT/device_check.log" >"$OUT/summary.txt"

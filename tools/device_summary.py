@@ -28,7 +28,8 @@ def run(name, metrics_path, t0, t1, flags):
     per_epoch = flops.get("train_run", 0) / max(1, len(hist))
     row = dict(name=name, flags=flags, device=m["device_name"], torch=m["torch"], cuda=m.get("cuda"),
                cudnn=m.get("cudnn"), preset=m["preset"], seed=m["seed"], epochs=m["epochs"],
-               deterministic=m.get("deterministic"), compile=m.get("compile"), acc=m["test_acc"],
+               deterministic=m.get("deterministic"), autotune=m.get("autotune"), compile=m.get("compile"),
+               acc=m["test_acc"], later_epoch_s=round(statistics.median(later), 3),
                train_s=s["train"], predict_s=s["predict"], whole_s=round(float(t1) - float(t0), 1) if float(t0) else None,
                sha256=m.get("submission_sha256"), flops_run=flops.get("train_run"),
                tflops_train=float(f"{flops['train_run'] / s['train'] / 1e12:.3g}") if flops and s["train"] else None,
@@ -46,11 +47,44 @@ def line(r):
             f"train {r['train_s']:.1f} s + predict {r['predict_s']:.1f} s | whole {r['whole_s']} s | "
             f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
-            f"checkpoint {r['checkpoint']} | det {r['deterministic']} compile {r['compile']} | sha {str(r['sha256'])[:12]}")
+            f"checkpoint {r['checkpoint']} | det {r['deterministic']} autotune {r.get('autotune')} compile {r['compile']} | sha {str(r['sha256'])[:12]}")
 
 
 def mean_sd(v):
     return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+
+def anchor_figures(anchors):
+    """{script: (acc mean, median wall s per run, mean wall s of the warm runs)} from ANCHOR lines."""
+    found = {}
+    for a in anchors:
+        m = re.match(r"ANCHOR (\S+) .*acc mean ([\d.]+) .*wall s per run ([\d. ]+)\| median ([\d.]+)", a)
+        if m:
+            walls = [float(w) for w in m.group(3).split()]
+            warm = walls[1:] or walls  # the first run pays cuDNN autotuning and first kernel loads
+            found[m.group(1)] = (float(m.group(2)), float(m.group(4)), statistics.mean(warm))
+    return found
+
+
+def verdicts(anchors, ok):
+    """Issue #7's items 2 and 3 as the card measured them: met or not, with the figures."""
+    out, figs = [], anchor_figures(anchors)
+    for preset, script, factor, item in (("full", "airbench96.py", 1.1, 2), ("fast", "airbench94.py", 1.5, 3)):
+        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+", n)]
+        if not rs or script not in figs:
+            continue
+        acc, median, warm = figs[script]
+        a = statistics.mean(r["acc"] for r in rs)
+        t = statistics.mean(r["train_s"] + r["predict_s"] for r in rs)
+        out.append(f"item {item}: {preset} acc {a:.4f} vs {script} {acc:.4f}: {'MET' if a >= acc else 'NOT MET'} | "
+                   f"train+predict {t:.1f} s vs {factor}x its median {median:.1f} s = {factor * median:.1f} s: "
+                   f"{'MET' if t <= factor * median else 'NOT MET'} ({t / median:.2f}x; {t / warm:.2f}x its warm runs' "
+                   f"{warm:.1f} s) | n={len(rs)}")
+        noat = ok.get(f"{preset}_s0_noat")
+        if noat:
+            t = noat["train_s"] + noat["predict_s"]
+            out.append(f"  with --autotune off (seed 0): acc {noat['acc']:.4f}, train+predict {t:.1f} s = {t / median:.2f}x")
+    return (["", "## issue #7 verdicts (mean over seeds; the anchors' median wall per run)"] + out) if out else []
 
 
 def summary(runs_path, log_path):
@@ -67,6 +101,7 @@ def summary(runs_path, log_path):
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
             out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
+    out += verdicts(anchors, ok)
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
         a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
         if a and b:
@@ -80,6 +115,12 @@ def summary(runs_path, log_path):
                 f"fp16: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s, "
                 f"{a['tflops_epoch']} TFLOP/s | bf16: acc {b['acc']:.4f}, train+predict "
                 f"{b['train_s'] + b['predict_s']:.1f} s, {b['tflops_epoch']} TFLOP/s"]
+    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_noat"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_noat" in ok]
+    if pairs:  # cuDNN autotuning: a one-off cost at each convolution's first call, faster steps after
+        out += ["", "## cuDNN autotuning on (the default) vs --autotune off, seed 0"]
+        out += [f"{r['preset']} autotune {r['autotune']}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
+                f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.1f} s"
+                for pair in pairs for r in pair]
     alt = sorted(n for n in ok if re.fullmatch(r"fullalt_s\d+", n))
     if alt:  # the other width/epochs recipe (same FLOPs), against full's runs of the same seeds
         out += ["", "## full: the preset vs the other widths (same FLOPs; CPU proxy in BENCHMARKS.md)"]

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Where a training epoch's GPU time goes: hw2.train under torch.profiler, summed by kernel kind.
+
+    python tools/step_profile.py --preset fast --data-dir D [--epochs 2] [--precision fp16]
+
+Runs `hw2.train` itself (the code a student runs, not a copy) twice in one process: once for one
+epoch without the profiler, which pays the one-off costs (cuDNN autotuning, first kernel loads),
+then for `--epochs` under torch.profiler. Prints one line per kernel kind (convolution, matmul,
+BatchNorm, elementwise, foreach/optimizer, reduction, copy, index) with its GPU milliseconds per
+training step and launches per step, the GPU's busy share of the wall time, the host-device
+synchronisations per step, and the 12 costliest kernels. A busy share well below 100 % means
+the host (Python, launches, syncs) holds the GPU back; near 100 % the kernels themselves do.
+The profiler adds host time per op, so its wall time is an upper bound; the unprofiled epochs'
+seconds are printed beside it. On a machine without a GPU it runs on the CPU (plumbing only).
+"""
+import argparse
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import hw2  # noqa: E402
+
+KINDS = [  # first match wins: (kind, substrings of the kernel's name, lower case)
+    ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "winograd", "fft", "dgrad", "wgrad", "fprop")),
+    ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("foreach/optimizer", ("multi_tensor", "foreach", "amp_")),
+    ("matmul", ("gemm", "cublas", "cutlass", "sm80_", "sm90_", "bmm", "matmul")),
+    ("reduction", ("reduce",)),
+    ("index/gather", ("index", "gather", "scatter")),
+    ("copy/cast", ("copy", "cast", "memcpy", "memset", "fill")),
+    ("elementwise", ("elementwise", "gelu", "max_pool", "pool", "where", "softmax", "nll", "loss")),
+]
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def kind(name):
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def device_us(evt):  # the attribute was renamed in torch 2.4
+    return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--data-dir", required=True, help="a folder holding cifar-10-batches-py")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs profiled (after one unprofiled)")
+    ap.add_argument("--precision", default="auto", choices=hw2.PRECISIONS)
+    ap.add_argument("--autotune", default="on", choices=hw2.AUTOTUNE)
+    ap.add_argument("--n-train", type=int, default=None, help="fewer training images (plumbing checks)")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    hw2.configure_determinism(False, a.autotune)
+    precision = a.precision if a.precision != "auto" else "fp16" if cuda else "fp32"
+    hw = dict(device="cuda" if cuda else "cpu", precision=precision, compile=False)
+    hp = hw2.preset_hparams(a.preset, hw)
+    x, y, _ = hw2.load_cifar_train(hw2.data_dir_folder(a.data_dir))
+    n = a.n_train or len(x)
+    data = dict(train_x=x[:n], train_y=y[:n], val_x=x[:0], val_y=y[:0])
+    bs = min(hp["batch_size"], n)
+    steps = a.epochs * (n // bs)
+    out = tempfile.mkdtemp(prefix="hw2-profile-")
+
+    def train(epochs):  # one hw2.train run from scratch; its per-epoch rows and its wall seconds
+        cfg = hw2.argparse.Namespace(preset=a.preset, seed=0, output_dir=out, resume=False, epochs=epochs,
+                                     checkpoint_every=1e9, deterministic=False, autotune=a.autotune)
+        t0 = time.time()
+        history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)[1]
+        if cuda:
+            torch.cuda.synchronize()
+        return history, time.time() - t0
+
+    warm, t_warm = train(1)
+    plain, t_plain = train(a.epochs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _, t_prof = train(a.epochs)
+    events = prof.key_averages()
+    kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA and device_us(e) > 0]
+    gpu_ms = sum(device_us(e) for e in kernels) / 1e3
+    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    print(f"PROFILE {a.preset} | {name} | torch {torch.__version__} | {precision} | autotune {a.autotune} | "
+          f"{n} images, batch {bs}, {a.epochs} epochs = {steps} steps")
+    print(f"unprofiled: first process epoch {warm[0]['seconds']:.2f} s (one-off costs; train() {t_warm:.1f} s) | "
+          f"warm epochs {' '.join('%.3f' % r['seconds'] for r in plain)} s (train() {t_plain:.2f} s)")
+    print(f"profiled train(): {t_prof:.2f} s wall (profiler overhead included) | GPU kernels {gpu_ms / 1e3:.2f} s "
+          f"= {100 * gpu_ms / 1e3 / t_prof:.0f} % busy" if cuda else f"profiled train(): {t_prof:.2f} s (CPU)")
+    by_kind = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        k = by_kind[kind(e.key)]
+        k[0] += device_us(e) / 1e3
+        k[1] += e.count
+    for k, (ms, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {k:<18} {ms / steps:8.3f} ms/step {100 * ms / max(gpu_ms, 1e-9):5.1f} %  {count / steps:7.1f} launches/step")
+    host = {e.key: e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    launches = sum(c for k, c in host.items() if "LaunchKernel" in k or k == "cuLaunchKernel")
+    syncs = {k: c for k, c in host.items() if any(k.startswith(s) for s in SYNCS)}
+    print(f"host: {launches / steps:.1f} kernel launches/step | syncs/step: "
+          + (", ".join(f"{k} {c / steps:.2f}" for k, c in sorted(syncs.items())) or "none"))
+    top = sorted(kernels, key=lambda e: -device_us(e))[:12]
+    for e in top:
+        print(f"  {device_us(e) / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  [{kind(e.key)}] {e.key[:110]}")
+    if not cuda:  # the CPU: the ops that cost the most host time, for the plumbing check
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
+            print(f"  {e.self_cpu_time_total / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  {e.key[:110]}")
+    print(f"median warm epoch {statistics.median(r['seconds'] for r in plain):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
