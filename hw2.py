@@ -2565,7 +2565,9 @@ def torchrun_follower():
 #   bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX, as torch detects it:
 #   1.6–1.7× faster steps than fp32, same accuracy), else fp32 with `quick`'s cheaper fp32 recipe.
 #   The loss is a *sum* over the batch, so weight gradients grow with the batch: the scaler starts
-#   at a scale measured to keep them inside fp16's range (`fp16_loss_scale`), not at 65536.
+#   at a scale measured to keep them inside fp16's range (`fp16_loss_scale`), not at 65536. Its
+#   overflow check never stops the host: SGD's fused kernel and the Muon update take the scaled
+#   gradients and skip an overflowed step on the GPU, so the host queues the next steps meanwhile.
 # * After training, the BatchNorm statistics are recomputed for the final (averaged) weights with
 #   one pass over ~10,000 training images in batches of the training size: the running averages
 #   trail the weights, which costs accuracy in short runs. Prediction also runs at the training
@@ -2683,6 +2685,12 @@ class MuonSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # fp16: GradScaler hands a fused optimizer the gradients still scaled, with its scale and
+        # its overflow flag as tensors (grad_scale, found_inf), so that no step waits for the GPU to
+        # say whether it overflowed. SGD's fused kernel unscales and skips on the GPU; so does the
+        # Muon update here: it computes the step, then keeps the old weights and momentum if found_inf
+        scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        skip = None if found is None else found.reshape(()) > 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None] if group.get("muon") else []
             if not params:
@@ -2692,9 +2700,15 @@ class MuonSGD(torch.optim.SGD):
                     self.state[p]["muon_momentum"] = torch.zeros_like(p)
             bufs = [self.state[p]["muon_momentum"] for p in params]
             grads = [p.grad for p in params]
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            steps = torch._foreach_add(grads, bufs, alpha=group["momentum"])  # Nesterov
+            if scale is not None:
+                grads = torch._foreach_mul(grads, scale.reshape(()).double().reciprocal().float())
+            if skip is None:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                new_bufs = bufs
+            else:
+                new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
+            steps = torch._foreach_add(grads, new_bufs, alpha=group["momentum"])  # Nesterov
             # Filters of one shape are updated as one stack, one batched matmul per shape: per
             # filter, the ~40 small kernels of a step cost more GPU time in launches than in
             # arithmetic (BENCHMARKS.md: Muon's epoch 40 % slower than SGD's on an H200)
@@ -2704,15 +2718,22 @@ class MuonSGD(torch.optim.SGD):
             for shape, pairs in by_shape.items():
                 w = torch.stack([p for p, _ in pairs])
                 d = torch.stack([d for _, d in pairs]).flatten(2)
+                old = None if skip is None else w.clone()
                 w.mul_(shape[0] ** 0.5 / w.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)))
                 w.add_(orthogonalize(d, group["ns_steps"]).view_as(w), alpha=-group["lr"])
+                if skip is not None:
+                    w = torch.where(skip, old, w)  # an overflowed step leaves every filter as it was
                 torch._foreach_copy_([p for p, _ in pairs], list(w.unbind(0)))
+            if skip is not None:
+                torch._foreach_copy_(bufs, [torch.where(skip, b, n) for b, n in zip(bufs, new_bufs)])
             for p in params:
                 p.grad = None  # done: SGD's step below skips parameters without a gradient
         return super().step(closure)
 
 
-def make_optimizer(model, hp, batch_size):
+def make_optimizer(model, hp, batch_size, fused=False):
+    """`fused` (fp16 runs): SGD's fused kernel, and Muon's update, take GradScaler's gradients still
+    scaled and skip an overflowed step on the device: no host sync per step (see MuonSGD.step)."""
     # Decoupled -> PyTorch units. SGD momentum m multiplies the steady-state step by 1/(1-m);
     # the divisor 1+1/(1-m) is airbench's convention (Nesterov's extra look-ahead term counted
     # once more) and the presets' lr/wd are tuned in it, so it stays.
@@ -2727,11 +2748,12 @@ def make_optimizer(model, hp, batch_size):
     groups = [dict(params=biases, lr=lr_bias, weight_decay=wd / lr_bias, base_lr=lr_bias),
               dict(params=others, lr=lr, weight_decay=wd / lr, base_lr=lr)]
     # the whitening bias trains only for the first epochs; it joins "others" via requires_grad
+    fused = fused or None  # None, not False: PyTorch's default (foreach) then
     if not muon:
-        return torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=True)
+        return torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=True, fused=fused)
     groups.append(dict(params=filters, muon=True, lr=hp["muon_lr"], base_lr=hp["muon_lr"],
                        momentum=hp["muon_momentum"], weight_decay=0.0, ns_steps=hp.get("ns_steps", 3)))
-    return MuonSGD(groups, momentum=hp["momentum"], nesterov=True)
+    return MuonSGD(groups, momentum=hp["momentum"], nesterov=True, fused=fused)
 
 
 def autocast_ctx(device, precision):
@@ -2839,10 +2861,13 @@ def recompute_bn_stats(model, images_u8, device, precision, batch_size, n_images
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative (equal-weight) average over the pass
     model.train()
     n_images = max(1, round(n_images / batch_size)) * batch_size
-    for chunk in images_u8[:n_images].split(batch_size):
+    for i, chunk in enumerate(images_u8[:n_images].split(batch_size)):
+        for m in norms:
+            # the cumulative (equal-weight) average: what momentum=None does, whose 1/count reads
+            # the count off the device, a sync per layer per batch on a GPU
+            m.momentum = 1.0 / (i + 1)
         with autocast_ctx(device, precision):
             model(normalize(chunk).contiguous(memory_format=torch.channels_last))
     for m, momentum in zip(norms, momenta):
@@ -2867,9 +2892,9 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     # channels_last: tensor-core layout on CUDA, and ~2x faster oneDNN convolutions on the CPU
     model = Net(hp["widths"], hp["residual"]).to(device, memory_format=torch.channels_last)
     init_whitening(model.whiten, normalize(train_x[:5000]))
-    opt = make_optimizer(model, hp, batch_size)
+    opt = make_optimizer(model, hp, batch_size, fused=precision == "fp16")
     # the default scale (65536) overflows the summed loss's weight gradients: see fp16_loss_scale
-    scaler = torch.amp.GradScaler("cuda", init_scale=fp16_loss_scale(batch_size)) if precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device, init_scale=fp16_loss_scale(batch_size)) if precision == "fp16" else None
     lookahead = Lookahead(model)
     base_flip = torch.rand(n, device=device, generator=gen) < 0.5
     history, start_epoch, step = [], 0, 0

@@ -163,3 +163,102 @@ def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
     hw2.train(train_data(), sgd, cpu, train_cfg(tmp_path), 1, 32, log=quiet)
     with pytest.raises(hw2.HW2Error, match="from another run"):
         hw2.train(train_data(), dict(sgd, **MUON), cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
+
+
+# ------------------------------------------------ fp16: GradScaler without a host sync per step
+def _scaled_steps(model, opt, scaler, grads, poison=None):
+    """Each step as GradScaler runs it in training: scaled gradients in, scaler.step, update.
+    `poison` (a parameter name) gets an inf in its gradient at the second step."""
+    for i, g in enumerate(grads):
+        scale = scaler.scale(torch.ones(()))  # the scale as a tensor (get_scale() would sync)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad = g[n].clone() * scale  # what backward of scaler.scale(loss) gives
+                if poison == n and i == 1:
+                    p.grad.view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "sgd"])
+def test_fused_fp16_step_equals_the_unscaled_step(optimizer):
+    """The fp16 path (fused=True: SGD's fused kernel, Muon unscaling itself) gives the weights and
+    momentum that the plain optimizer gives with the unscaled gradients."""
+    hp = dict(hw2.PRESETS["smoke"], **(MUON if optimizer == "muon" else {}))
+    model, grads = _model_and_grads()
+    opt = hw2.make_optimizer(model, hp, 32, fused=True)
+    assert opt._step_supports_amp_scaling  # GradScaler hands it grad_scale/found_inf, no .item()
+    _scaled_steps(model, opt, torch.amp.GradScaler("cpu", init_scale=1024.0), grads)
+    ref, _ = _model_and_grads()
+    ref_opt = hw2.make_optimizer(ref, hp, 32)
+    _two_steps(ref, ref_opt, grads)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), n
+    if optimizer == "muon":
+        bufs = [s["muon_momentum"] for s in opt.state.values() if "muon_momentum" in s]
+        ref_bufs = [s["muon_momentum"] for s in ref_opt.state.values() if "muon_momentum" in s]
+        assert len(bufs) == 9 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(bufs, ref_bufs))
+
+
+@pytest.mark.parametrize("poison", ["groups.1.conv2.weight", "head.weight"])  # a Muon filter, an SGD weight
+def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
+    """An inf anywhere skips the whole step, Muon's filters and momentum included, and halves
+    the scale, as GradScaler's own skip does, but decided on the device, without a host sync."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model, grads = _model_and_grads()
+    opt = hw2.make_optimizer(model, hp, 32, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _scaled_steps(model, opt, scaler, grads[:1])
+
+    def syncs(fn):  # .item() and friends: the host waiting for the device
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += func is torch.ops.aten._local_scalar_dense.default
+                return func(*args, **(kwargs or {}))
+        with Count():
+            fn()
+        return Count.n
+
+    assert syncs(lambda: _scaled_steps(model, opt, scaler, [grads[0], grads[1]], poison=poison)) == 0
+    # step 2 of that call (the poisoned one) was skipped: the weights are those after its step 1
+    redo, _ = _model_and_grads()
+    redo_opt = hw2.make_optimizer(redo, hp, 32, fused=True)
+    _scaled_steps(redo, redo_opt, torch.amp.GradScaler("cpu", init_scale=1024.0), [grads[0], grads[0]])
+    for (n, p), q in zip(model.named_parameters(), redo.parameters()):
+        assert torch.equal(p, q), n
+    assert scaler.get_scale() == 512.0
+    for a, b in zip(opt.state.values(), redo_opt.state.values()):  # momentum too, Muon's and SGD's
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
+    """train() in fp16 (on the CPU here; on a GPU the same code): GradScaler's overflow check
+    stays on the device, so the host waits only for the epoch's totals, not at every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    fp16 = dict(device="cpu", precision="fp16", compile=False)
+    counts = {}
+    for n_train in (320, 640):  # 10 and 20 steps per epoch
+        hp = dict(hw2.PRESETS["smoke"], **MUON)
+        (tmp_path / str(n_train)).mkdir()
+        with Count():
+            Count.n = 0
+            stats = {}
+            hw2.train(train_data(n_train=n_train), hp, fp16, train_cfg(tmp_path / str(n_train)), 2, 32,
+                      log=quiet, stats=stats)
+        counts[n_train] = Count.n
+        assert stats["fp16_scale"]["end"] == stats["fp16_scale"]["init"]  # no overflow here
+    # independent of the steps, none per step: 2 per epoch (its loss and accuracy), 2 for the
+    # scaler's state in the first epoch's checkpoint, 1 for its final scale in stats
+    assert counts[320] == counts[640] == 7, counts

@@ -27,12 +27,12 @@ def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatc
     attempts, events = [], []
     real_make_optimizer, real_lr_factor = hw2.make_optimizer, hw2.lr_factor
 
-    def spy_make_optimizer(model, hp, batch_size):
+    def spy_make_optimizer(model, hp, batch_size, **kw):
         if attempts:  # the retry starts: is the first attempt gone?
             events.append(("retry starts", attempts[0]["model"]() is None, attempts[0]["param"]() is None))
         attempts.append(dict(model=weakref.ref(model), param=weakref.ref(model.groups[0].conv1.weight),
                              batch=batch_size))
-        return real_make_optimizer(model, hp, batch_size)
+        return real_make_optimizer(model, hp, batch_size, **kw)
 
     def oom_in_first_attempt(step, total, warmup):
         if len(attempts) == 1 and step == 1:  # inside the training loop, after one real step
@@ -59,12 +59,12 @@ def test_oom_positive_control_a_live_reference_is_seen(tmp_path, monkeypatch):
     keep, seen = [], []
     real = hw2.make_optimizer
 
-    def spy(model, hp, batch_size):
+    def spy(model, hp, batch_size, **kw):
         if keep:
             seen.append(keep[0]() is None)
         keep.append(weakref.ref(model))
         spy.hold = model  # a live reference, as a retry inside `except` would have
-        return real(model, hp, batch_size)
+        return real(model, hp, batch_size, **kw)
 
     monkeypatch.setattr(hw2, "make_optimizer", spy)
     hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 1, 32, log=_quiet)

@@ -110,7 +110,7 @@ def summary(runs_path, log_path):
                     f"{a['train_s'] + a['predict_s']:.1f} s | {b['optimizer']} {b['epochs']} epochs: acc "
                     f"{b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
     a, b = ok.get("fast_s0"), ok.get("fast_s0_bf16")
-    if a and b:  # bf16 autocast needs no GradScaler (no inf check, no sync per step)
+    if a and b:  # bf16 autocast needs no GradScaler (no scaling, no overflow check)
         out += ["", "## fast: fp16 + GradScaler (the default) vs bf16, seed 0",
                 f"fp16: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s, "
                 f"{a['tflops_epoch']} TFLOP/s | bf16: acc {b['acc']:.4f}, train+predict "
