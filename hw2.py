@@ -2702,12 +2702,7 @@ class MuonSGD(torch.optim.SGD):
             grads = [p.grad for p in params]
             if scale is not None:
                 grads = torch._foreach_mul(grads, scale.reshape(()).double().reciprocal().float())
-            if skip is None:
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, grads)
-                new_bufs = bufs
-            else:
-                new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
+            new_bufs = torch._foreach_add(torch._foreach_mul(bufs, group["momentum"]), grads)
             steps = torch._foreach_add(grads, new_bufs, alpha=group["momentum"])  # Nesterov
             # Filters of one shape are updated as one stack, one batched matmul per shape: per
             # filter, the ~40 small kernels of a step cost more GPU time in launches than in
@@ -2718,14 +2713,14 @@ class MuonSGD(torch.optim.SGD):
             for shape, pairs in by_shape.items():
                 w = torch.stack([p for p, _ in pairs])
                 d = torch.stack([d for _, d in pairs]).flatten(2)
-                old = None if skip is None else w.clone()
-                w.mul_(shape[0] ** 0.5 / w.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)))
-                w.add_(orthogonalize(d, group["ns_steps"]).view_as(w), alpha=-group["lr"])
+                new = w * (shape[0] ** 0.5 / w.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)))
+                new.add_(orthogonalize(d, group["ns_steps"]).view_as(w), alpha=-group["lr"])
                 if skip is not None:
-                    w = torch.where(skip, old, w)  # an overflowed step leaves every filter as it was
-                torch._foreach_copy_([p for p, _ in pairs], list(w.unbind(0)))
+                    new = torch.where(skip, w, new)  # an overflowed step leaves every filter as it was
+                torch._foreach_copy_([p for p, _ in pairs], list(new.unbind(0)))
             if skip is not None:
-                torch._foreach_copy_(bufs, [torch.where(skip, b, n) for b, n in zip(bufs, new_bufs)])
+                new_bufs = [torch.where(skip, b, n) for b, n in zip(bufs, new_bufs)]
+            torch._foreach_copy_(bufs, new_bufs)
             for p in params:
                 p.grad = None  # done: SGD's step below skips parameters without a gradient
         return super().step(closure)

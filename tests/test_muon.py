@@ -166,6 +166,23 @@ def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
 
 
 # ------------------------------------------------ fp16: GradScaler without a host sync per step
+def _count_syncs(fn):
+    """How often fn makes the host wait for the device: .item() and friends all dispatch
+    aten._local_scalar_dense (on a GPU, a cudaStreamSynchronize each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def _scaled_steps(model, opt, scaler, grads, poison=None):
     """Each step as GradScaler runs it in training: scaled gradients in, scaler.step, update.
     `poison` (a parameter name) gets an inf in its gradient at the second step."""
@@ -210,20 +227,7 @@ def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     _scaled_steps(model, opt, scaler, grads[:1])
 
-    def syncs(fn):  # .item() and friends: the host waiting for the device
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Count.n += func is torch.ops.aten._local_scalar_dense.default
-                return func(*args, **(kwargs or {}))
-        with Count():
-            fn()
-        return Count.n
-
-    assert syncs(lambda: _scaled_steps(model, opt, scaler, [grads[0], grads[1]], poison=poison)) == 0
+    assert _count_syncs(lambda: _scaled_steps(model, opt, scaler, [grads[0], grads[1]], poison=poison)) == 0
     # step 2 of that call (the poisoned one) was skipped: the weights are those after its step 1
     redo, _ = _model_and_grads()
     redo_opt = hw2.make_optimizer(redo, hp, 32, fused=True)
@@ -238,26 +242,14 @@ def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
 def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
     """train() in fp16 (on the CPU here; on a GPU the same code): GradScaler's overflow check
     stays on the device, so the host waits only for the epoch's totals, not at every step."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     fp16 = dict(device="cpu", precision="fp16", compile=False)
     counts = {}
     for n_train in (320, 640):  # 10 and 20 steps per epoch
         hp = dict(hw2.PRESETS["smoke"], **MUON)
         (tmp_path / str(n_train)).mkdir()
-        with Count():
-            Count.n = 0
-            stats = {}
-            hw2.train(train_data(n_train=n_train), hp, fp16, train_cfg(tmp_path / str(n_train)), 2, 32,
-                      log=quiet, stats=stats)
-        counts[n_train] = Count.n
+        stats = {}
+        counts[n_train] = _count_syncs(lambda: hw2.train(
+            train_data(n_train=n_train), hp, fp16, train_cfg(tmp_path / str(n_train)), 2, 32, log=quiet, stats=stats))
         assert stats["fp16_scale"]["end"] == stats["fp16_scale"]["init"]  # no overflow here
     # independent of the steps, none per step: 2 per epoch (its loss and accuracy), 2 for the
     # scaler's state in the first epoch's checkpoint, 1 for its final scale in stats

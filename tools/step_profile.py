@@ -75,7 +75,7 @@ def main():
     out = tempfile.mkdtemp(prefix="hw2-profile-")
 
     def train(epochs):  # one hw2.train run from scratch; its per-epoch rows and its wall seconds
-        cfg = hw2.argparse.Namespace(preset=a.preset, seed=0, output_dir=out, resume=False, epochs=epochs,
+        cfg = argparse.Namespace(preset=a.preset, seed=0, output_dir=out, resume=False, epochs=epochs,
                                      checkpoint_every=1e9, deterministic=False, autotune=a.autotune)
         t0 = time.time()
         history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)[1]
