@@ -134,6 +134,7 @@ PRESETS = {
         epochs=26,                # Muon's 26 match SGD's 30 (proxy); 10 % of them are warm-up
         batch_size=1024,
         muon_lr=0.08,             # filters: Muon, half fast's step: 3.3x its steps want a smaller one
+                                  # (at 32/128/128, 2 seeds: 0.12 +0.10 %, flat; 0.05 -0.26 %, seed 0)
         muon_momentum=0.6,        # fast's value
         lr=9.0,                   # the rest (head, BN biases, stem bias): SGD, per 1024 examples
         momentum=0.85,

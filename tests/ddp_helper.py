@@ -8,6 +8,8 @@ HW2Error at step 3 while rank 0 trains on (and blocks in the next all-reduce); `
 raises while rank 0 sleeps outside any collective; `interrupt` every rank stops at the first
 step of epoch 2 (checkpoint.pt holds epoch 1); `slow` every step sleeps 0.5 s (for Ctrl-C).
 Env DDP_HELPER_CPUS=N: usable_cpus() says N, and the parent runs a parallel op on N threads first.
+Env DDP_HELPER_FP16=1: the ranks train as on Kaggle's T4 ×2 (fp16 autocast, GradScaler, the fused
+optimizer step; CPU autocast runs fp16 too) with Muon, the default GPU presets' optimizer.
 """
 import hashlib
 import os
@@ -103,6 +105,9 @@ tx, ty, vx, vy = hw2.split_train_val(x, y, 128)
 data = dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy)
 print(f"world_size {hw['world_size']}", flush=True)
 hp = dict(hw2.PRESETS["smoke"])
+if os.environ.get("DDP_HELPER_FP16"):
+    hw["precision"] = "fp16"  # select_hardware allows it on a GPU only; the code path is the same
+    hp = hw2.preset_hparams("smoke", hw, optimizer="muon")
 if hw["world_size"] > 1:
     model, history, batch = hw2.train_distributed(data, hp, hw, cfg)
 else:  # the single-process path of the training cell

@@ -158,6 +158,20 @@ def test_two_ranks_end_with_identical_weights(two_rank_run):
     assert ck["identity"]["world_size"] == 2
 
 
+def test_fp16_muon_ranks_agree_as_on_kaggles_two_t4s(tmp_path):
+    """Kaggle's default: two GPUs, fp16 with GradScaler and the fused optimizer step that skips an
+    overflow on the device, Muon for the filters. Each rank decides from its own all-reduced
+    gradients whether to skip, so the ranks must stay bit-identical with no extra collective."""
+    res = helper("ok", tmp_path / "out", "--gpus", 2, "--device", "cpu", DDP_HELPER_FP16="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 processes (gloo)" in res.stdout
+    assert sha(tmp_path / "rank0.sha256") == sha(tmp_path / "rank1.sha256")
+    record = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert record["train_stats"]["fp16_scale"]["init"] > 0  # the GradScaler path ran
+    identity = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["identity"]
+    assert identity["optimizer"] == "muon" and identity["precision"] == "fp16"
+
+
 def test_forked_ranks_do_not_hang_after_the_parent_used_many_threads(tmp_path):
     # GNU OpenMP is not fork-safe: a forked rank that ran its CPU ops on 2+ threads waited forever
     # in its first parallel region, once the parent had used its own threads (as the notebook's

@@ -319,6 +319,30 @@ def test_model_trains_under_deterministic_algorithms(tmp_path):
     assert len(hist) == 1
 
 
+def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
+    """--compile (item 5, a GPU flag) through Dynamo and Inductor's C++ backend on the CPU: the
+    graph capture is the GPU's, so a graph break or a recompile per step would show here, before a
+    card pays for it. Expected: one graph, recompiled once when the stem's bias freezes."""
+    import shutil
+    from torch._dynamo.utils import counters
+    if not shutil.which(os.environ.get("CXX", "g++")):
+        pytest.skip("no C++ compiler: Inductor's CPU backend cannot build kernels here")
+    hp = dict(hw2.PRESETS["smoke"])
+    eager = hw2.train(_data(), hp, CPU, _cfg(tmp_path), 2, 32, log=_quiet)[1]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = hw2.train(_data(), hp, dict(CPU, compile=True), _cfg(tmp_path), 2, 32,
+                             log=_quiet)[1]
+        breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert graphs == 2  # smoke: whiten_bias_epochs=1, so epoch 2 runs without the bias's gradient
+    for a, b in zip(eager, compiled):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
 # Backward kernels that torch.use_deterministic_algorithms refuses on CUDA (torch docs, "throws
 # RuntimeError when mode=True"), which the CPU cannot flag: a training step must call none of them.
 CUDA_NONDETERMINISTIC = (
