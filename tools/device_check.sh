@@ -13,7 +13,8 @@
 # an H200 (2026-11-28, BENCHMARKS.md): data prep 26 s; airbench94 2.2 s and airbench96 ~17 s per
 # run in their own process; hw2 fast 18-23 s per whole process, of which ~14 s were start-up and
 # Problems 1-3 (these runs pass --skip-answers: ~7 s less, a guess); hw2 full ~38 s (29 s of
-# training in an earlier H200 run); torch.compile ~40-60 s of compiling per process (a guess).
+# training in an earlier H200 run); torch.compile ~40-60 s of compiling per process (a guess; it
+# compiles twice per run: the stem's bias freezing after epoch 3 recompiles, tests/test_recipe.py).
 #   phase        what                                                             estimate
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)                  30
 #   preflight    hw2 fast, 1 epoch: stops the call if hw2.py fails or misses the GPU    25
