@@ -2559,7 +2559,9 @@ def torchrun_follower():
 #   (8 epochs, bf16) it is worth +1.0 % for ~1 % more FLOPs; in `full`'s recipe (a narrower
 #   copy, two seeds) 26 Muon epochs matched 30 SGD epochs, so `full` trains 26 (a card has yet to
 #   confirm it; `--optimizer sgd --epochs 30` is the SGD recipe). Longer runs want a smaller step:
-#   `full`'s is half of `fast`'s.
+#   `full`'s is half of `fast`'s. On a GPU the Newton-Schulz matmuls run in the run's half type,
+#   fp16 by default: a T4 has no bf16 tensor cores, and after scaling to norm 1 (in fp32) the
+#   iterates sit well inside fp16's range, where it is 8× closer to fp32 than bf16.
 # * **Lookahead/EMA**: every 5 steps the weights are pulled towards a slow exponential average
 #   whose decay rises as (step/total)³; the final weights are that average.
 # * fp16 autocast + GradScaler and channels_last on CUDA (bf16 only if asked, sm_80+). On the CPU,
@@ -2656,18 +2658,30 @@ def lr_factor(step, total, warmup):
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g, steps):
+def newton_schulz_dtype(device, precision):
+    """The dtype of Muon's Newton-Schulz matmuls. On a GPU, the half type the run trains in: fp16
+    by default, the only one a T4 (sm_75, Kaggle's card) computes on tensor cores; cuBLAS has no
+    bf16 tensor-core kernels before sm_80, so bf16 there is slow or unsupported. Its inputs are
+    scaled to norm 1 first, well inside fp16's range, where fp16 keeps 3 more mantissa bits
+    than bf16. On the CPU, fp32: half-precision matmuls are slow there without native support."""
+    half = {"fp16": "float16", "bf16": "bfloat16"}
+    return half.get(precision, "float32") if device == "cuda" else "float32"
+
+
+def orthogonalize(g, steps, dtype=torch.float32):
     """≈ U Vᵀ of the matrix g = U S Vᵀ (all singular values → ~1), by Newton-Schulz iteration;
     of each matrix, for a stack of same-shaped ones (the last two dimensions), in one batch.
 
-    Matmuls only (deterministic, cheap for conv filters of at most 512 × 4608); bf16 on a GPU
-    as Muon does, fp32 on the CPU, where bf16 matmuls are slow without native support."""
+    Matmuls only (deterministic, cheap for conv filters of at most 512 × 4608), in `dtype`
+    (newton_schulz_dtype: the run's half type on a GPU, fp32 on the CPU)."""
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32).reshape(-1, *g.shape[-2:])
+    x = g.float().reshape(-1, *g.shape[-2:])
     tall = x.size(1) > x.size(2)
     if tall:
         x = x.mT
-    x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the map's range
+    # scaled in fp32, then cast: the raw step may exceed fp16's range, the scaled one is <= 1
+    # (spectral norm <= Frobenius norm = 1: inside the map's range, and no iterate grows past ~1.2)
+    x = (x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)).to(dtype)
     for _ in range(steps):
         s = torch.bmm(x, x.mT)
         x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)  # a x + (b s + c s²) x
@@ -2711,11 +2725,12 @@ class MuonSGD(torch.optim.SGD):
             by_shape = {}
             for p, d in zip(params, steps):
                 by_shape.setdefault(p.shape, []).append((p, d))
+            ns_dtype = getattr(torch, group.get("ns_dtype", "float32"))
             for shape, pairs in by_shape.items():
                 w = torch.stack([p for p, _ in pairs])
                 d = torch.stack([d for _, d in pairs]).flatten(2)
                 new = w * (shape[0] ** 0.5 / w.flatten(1).norm(dim=1).view(-1, *[1] * len(shape)))
-                new.add_(orthogonalize(d, group["ns_steps"]).view_as(w), alpha=-group["lr"])
+                new.add_(orthogonalize(d, group["ns_steps"], ns_dtype).view_as(w), alpha=-group["lr"])
                 if skip is not None:
                     new = torch.where(skip, w, new)  # an overflowed step leaves every filter as it was
                 torch._foreach_copy_([p for p, _ in pairs], list(new.unbind(0)))
@@ -2727,9 +2742,10 @@ class MuonSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def make_optimizer(model, hp, batch_size, fused=False):
+def make_optimizer(model, hp, batch_size, fused=False, ns_dtype="float32"):
     """`fused` (fp16 runs): SGD's fused kernel, and Muon's update, take GradScaler's gradients still
-    scaled and skip an overflowed step on the device: no host sync per step (see MuonSGD.step)."""
+    scaled and skip an overflowed step on the device: no host sync per step (see MuonSGD.step).
+    `ns_dtype`: the dtype (its torch name) of Muon's matmuls, from newton_schulz_dtype."""
     # Decoupled -> PyTorch units. SGD momentum m multiplies the steady-state step by 1/(1-m);
     # the divisor 1+1/(1-m) is airbench's convention (Nesterov's extra look-ahead term counted
     # once more) and the presets' lr/wd are tuned in it, so it stays.
@@ -2748,7 +2764,8 @@ def make_optimizer(model, hp, batch_size, fused=False):
     if not muon:
         return torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=True, fused=fused)
     groups.append(dict(params=filters, muon=True, lr=hp["muon_lr"], base_lr=hp["muon_lr"],
-                       momentum=hp["muon_momentum"], weight_decay=0.0, ns_steps=hp.get("ns_steps", 3)))
+                       momentum=hp["muon_momentum"], weight_decay=0.0, ns_steps=hp.get("ns_steps", 3),
+                       ns_dtype=ns_dtype))
     return MuonSGD(groups, momentum=hp["momentum"], nesterov=True, fused=fused)
 
 
@@ -2888,7 +2905,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     # channels_last: tensor-core layout on CUDA, and ~2x faster oneDNN convolutions on the CPU
     model = Net(hp["widths"], hp["residual"]).to(device, memory_format=torch.channels_last)
     init_whitening(model.whiten, normalize(train_x[:5000]))
-    opt = make_optimizer(model, hp, batch_size, fused=precision == "fp16")
+    opt = make_optimizer(model, hp, batch_size, fused=precision == "fp16",
+                         ns_dtype=newton_schulz_dtype(device, precision))
     # the default scale (65536) overflows the summed loss's weight gradients: see fp16_loss_scale
     scaler = torch.amp.GradScaler(device, init_scale=fp16_loss_scale(batch_size)) if precision == "fp16" else None
     lookahead = Lookahead(model)

@@ -31,6 +31,35 @@ def test_orthogonalize_keeps_the_directions_and_equalises_the_singular_values(sh
         assert sv.max() < 1.25 and sv.min() > min_sv  # from 0.01..1: the spread shrinks 100x -> <17x
 
 
+@pytest.mark.parametrize("dtype,tol", [("float16", 3e-3), ("bfloat16", 2e-2)])
+def test_orthogonalize_in_half_precision_even_beyond_fp16s_range(dtype, tol):
+    """On a GPU the iterations run in the run's half type (newton_schulz_dtype). A raw step
+    whose entries exceed fp16's range (65504) must not overflow: it is scaled to norm 1 in fp32
+    first. fp16 lands ~8x closer to fp32 than bf16 (3 more mantissa bits): measured 1e-3 vs 8e-3."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(4, 64, 576, generator=gen) * 1e6  # a stack, as MuonSGD batches filters of one shape
+    assert g.abs().max() > 65504
+    ref = hw2.orthogonalize(g, 3)
+    o = hw2.orthogonalize(g, 3, getattr(torch, dtype))
+    assert o.dtype == torch.float32 and o.isfinite().all()  # handed back in the step's dtype
+    assert float((o - ref).norm() / ref.norm()) < tol
+
+
+def test_newton_schulz_dtype_follows_the_runs_half_type_on_a_gpu(tmp_path, monkeypatch):
+    """fp16 on a GPU run in fp16 (every GPU's default, and a T4 has no bf16 tensor cores), bf16 in
+    a bf16 run, fp32 on the CPU; and train() hands it to every Muon step."""
+    assert hw2.newton_schulz_dtype("cuda", "fp16") == "float16"
+    assert hw2.newton_schulz_dtype("cuda", "bf16") == "bfloat16"
+    assert hw2.newton_schulz_dtype("cuda", "fp32") == "float32"
+    assert hw2.newton_schulz_dtype("cpu", "bf16") == hw2.newton_schulz_dtype("cpu", "fp32") == "float32"
+    seen, real = [], hw2.orthogonalize
+    monkeypatch.setattr(hw2, "orthogonalize", lambda g, steps, dtype=torch.float32: seen.append(dtype) or real(g, steps, dtype))
+    monkeypatch.setattr(hw2, "newton_schulz_dtype", lambda device, precision: "float16")  # as on a GPU in fp16
+    cpu = dict(device="cpu", precision="fp32", compile=False)
+    hw2.train(train_data(), dict(hw2.PRESETS["smoke"], **MUON), cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    assert len(seen) == 10 * 4 and set(seen) == {torch.float16}  # 10 steps × 4 filter shapes (smoke net)
+
+
 def _model_and_grads(seed=0):
     torch.manual_seed(seed)
     model = hw2.Net((8, 16, 16))
