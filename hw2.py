@@ -2574,7 +2574,7 @@ def torchrun_follower():
 #   confirm it; `--optimizer sgd --epochs 30` is the SGD recipe). Longer runs want a smaller step:
 #   `full`'s is half of `fast`'s. On a GPU the Newton-Schulz matmuls run in the run's half type,
 #   fp16 by default: a T4 has no bf16 tensor cores, and after scaling to norm 1 (in fp32) the
-#   iterates sit well inside fp16's range, where it is 8× closer to fp32 than bf16.
+#   iterates sit well inside fp16's range, and fp16 lands 8× closer to fp32 than bf16 does.
 # * **Lookahead/EMA**: every 5 steps the weights are pulled towards a slow exponential average
 #   whose decay rises as (step/total)³; the final weights are that average.
 # * fp16 autocast + GradScaler and channels_last on CUDA (bf16 only if asked, sm_80+). On the CPU,
