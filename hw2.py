@@ -2672,11 +2672,10 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_dtype(device, precision):
-    """The dtype of Muon's Newton-Schulz matmuls. On a GPU, the half type the run trains in: fp16
-    by default, the only one a T4 (sm_75, Kaggle's card) computes on tensor cores; cuBLAS has no
-    bf16 tensor-core kernels before sm_80, so bf16 there is slow or unsupported. Its inputs are
-    scaled to norm 1 first, well inside fp16's range, where fp16 keeps 3 more mantissa bits
-    than bf16. On the CPU, fp32: half-precision matmuls are slow there without native support."""
+    """The dtype (its torch name) of Muon's Newton-Schulz matmuls. On a GPU, the half type the run
+    trains in: fp16 by default, the only one a T4 (sm_75, Kaggle's card) has tensor cores for
+    (bf16's start at sm_80). fp16 is safe there: see orthogonalize. On the CPU, fp32: half-
+    precision matmuls are slow there without native support."""
     half = {"fp16": "float16", "bf16": "bfloat16"}
     return half.get(precision, "float32") if device == "cuda" else "float32"
 
