@@ -188,10 +188,10 @@ PRESETS = {
         widths=(32, 96, 192),     # 0.22 GFLOP per training image, ~2.6x the old 16/64/128: bf16 pays
         residual=(True, True, True),  # a block at 15×15 too: +0.3 % for 4 % more time at this width
         epochs=12,                # bf16 (AVX512-BF16 or AMX): ~23 s/epoch on 2 Zen 5 cores
-        # A CPU without native bf16 trains in fp32, where a step of this net costs ~1.7x and 5
-        # epochs (0.873) already take 5.6 min with AVX2 kernels: there the previous, narrower
-        # recipe, for 6 epochs: on a Zen 3 (AVX2 only) 8 epochs took 380 s for the whole script
-        # (35-51 s per epoch on a noisy host), 6 take 257 s and fit even at 51 s per epoch (0.861)
+        # A CPU without native bf16 trains in fp32, where a step of this net costs ~1.7x: there
+        # the previous, narrower net trains 6 epochs. On a Zen 3 (AVX2 only; 35-51 s per epoch on
+        # a noisy host) 8 epochs took 380 s for the whole script, over 6 minutes; 6 take 257 s
+        # (0.861) and would fit even if every epoch took 51 s (tests/test_cpu_precision.py)
         cpu_fp32=dict(widths=(16, 64, 128), residual=(False, True, True), epochs=6, batch_size=512),
         batch_size=256,           # on 2 cores a smaller batch costs no speed and helps 12 epochs
         lr=9.0, momentum=0.85,
