@@ -1,5 +1,6 @@
 """The CPU's precision (issue #10): bf16 autocast where the CPU computes bf16 natively (AVX512-BF16
-or AMX), fp32 elsewhere with the `quick` preset's cheaper fp32 recipe, and byte-identical reruns either way."""
+or AMX) and a measured step shows it faster than fp32, fp32 elsewhere with the `quick` preset's
+cheaper fp32 recipe, and byte-identical reruns either way."""
 import argparse
 import os
 import platform
@@ -62,6 +63,87 @@ def test_choose_hardware_uses_the_detected_cpu(monkeypatch):
     cfg.precision = "bf16"
     with pytest.raises(hw2.HW2Error, match="no native bf16"):
         hw2.choose_hardware(cfg)
+
+
+# ------------------------------------------------------------------ native is not enough: measured
+
+# One training step of quick's bf16 net, batch 256, 2 cores, seconds (fp32, bf16), BENCHMARKS.md
+ZEN5_STEP = (0.18, 0.11)       # AMD Zen 5 (AVX512-BF16): the bf16 recipe's command took 308 s
+XEON_NO_AMX_STEP = (0.31, 0.49)  # Intel Xeon family 6 model 207, AMX hidden by its VM: 1018 s
+
+
+def _bf16_plan(**kw):
+    plan = dict(device="cpu", precision="bf16", auto_precision=True)
+    plan.update(kw)
+    return plan
+
+
+def test_auto_keeps_bf16_only_where_it_measures_faster():
+    for (fp32_s, bf16_s), kept in ((ZEN5_STEP, "bf16"), (XEON_NO_AMX_STEP, "fp32")):
+        plan = _bf16_plan()
+        line = hw2.settle_cpu_precision(plan, measure=lambda: fp32_s / bf16_s)
+        assert plan["precision"] == kept and plan["bf16_speedup"] == round(fp32_s / bf16_s, 2)
+        assert line.startswith("precision: ") and line.endswith(f"-> {kept}; --precision pins it")
+    # the threshold sits well between the two CPUs measured, so noise can't flip either
+    assert 1.25 * hw2.BF16_MIN_SPEEDUP <= ZEN5_STEP[0] / ZEN5_STEP[1]
+    assert XEON_NO_AMX_STEP[0] / XEON_NO_AMX_STEP[1] <= hw2.BF16_MIN_SPEEDUP / 1.25
+    plan = _bf16_plan()
+    hw2.settle_cpu_precision(plan, measure=lambda: hw2.BF16_MIN_SPEEDUP)
+    assert plan["precision"] == "bf16"  # at the threshold: bf16
+    # ... and on the slow CPU quick then trains its fp32 recipe, sized for 6 minutes in fp32
+    plan = _bf16_plan()
+    hw2.settle_cpu_precision(plan, measure=lambda: XEON_NO_AMX_STEP[0] / XEON_NO_AMX_STEP[1])
+    assert hw2.preset_hparams("quick", plan)["epochs"] == hw2.PRESETS["quick"]["cpu_fp32"]["epochs"]
+
+
+def test_nothing_is_measured_unless_auto_chose_bf16_on_the_cpu():
+    def never():
+        raise AssertionError("measured")
+    for plan in (_bf16_plan(auto_precision=False),            # --precision bf16: honoured as asked
+                 _bf16_plan(precision="fp32"),                 # no native bf16, or --precision fp32
+                 _bf16_plan(device="cuda", precision="fp16"),  # a GPU
+                 _bf16_plan(device="cuda")):                   # --precision bf16 on an sm_80+ GPU
+        before = dict(plan)
+        assert hw2.settle_cpu_precision(plan, measure=never) == ""
+        assert plan == dict(before, bf16_speedup=None)
+
+
+def test_choose_hardware_marks_an_automatic_precision(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
+    monkeypatch.setattr(hw2, "cpu_native_bf16", lambda: True)
+    cfg = argparse.Namespace(device="auto", precision="auto", compile=False, preset=None, gpus="auto")
+    assert hw2.choose_hardware(cfg)["auto_precision"] is True
+    cfg.precision = "bf16"
+    assert hw2.choose_hardware(cfg)["auto_precision"] is False
+    # a GPU that fails its test op: every precision request lapses to the CPU's automatic choice
+    facts = dict(capability=(8, 0), arch=["sm_80"], count=1, name="A100", error="RuntimeError: boom")
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: facts)
+    plan = hw2.choose_hardware(cfg)
+    assert (plan["device"], plan["precision"], plan["auto_precision"]) == ("cpu", "bf16", True)
+
+
+def test_bf16_speedup_is_measured_on_real_steps_and_leaves_no_trace():
+    """The measurement runs the real net's training step in both precisions, and leaves the global
+    RNG (every seeded run's start) and the thread count as it found them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = torch.get_rng_state()
+        seen = []
+        real_autocast = torch.autocast
+
+        def spy(device, dtype=None, enabled=True):
+            seen.append((device, dtype if enabled else None))
+            return real_autocast(device, dtype=dtype, enabled=enabled)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "autocast", spy)
+            speedup = hw2.cpu_bf16_speedup(batch=8, pairs=1)
+        assert 0 < speedup < float("inf")
+        assert seen == [("cpu", None), ("cpu", torch.bfloat16)] * 2  # warm-up pair + one timed pair
+        assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ detection

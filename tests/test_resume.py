@@ -84,8 +84,10 @@ def test_base_run_positive_control(base):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and metrics["n_test"] == 50
     # the CPU kind decides precision and epochs, so the run records it (issue #10)
-    native = hw2.cpu_native_bf16()
-    assert metrics["precision"] == ("bf16" if native else "fp32")
+    native, speedup = hw2.cpu_native_bf16(), metrics["cpu"]["bf16_speedup"]
+    assert (speedup is not None) is native  # measured only where bf16 is native
+    assert (metrics["seconds"]["precision"] > 0.05) is native  # ... and its seconds are reported
+    assert metrics["precision"] == ("bf16" if native and speedup >= hw2.BF16_MIN_SPEEDUP else "fp32")
     assert metrics["cpu"]["native_bf16"] is native and metrics["cpu"]["name"] == hw2.cpu_name()
     assert metrics["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability()
     assert metrics["cpu"]["threads"] == hw2.usable_cpus()  # the CPUs it may use, not the host's
