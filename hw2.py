@@ -503,6 +503,13 @@ def existing_output(cfg, name, flag, why):
     return path
 
 
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except Exception as e:
+        raise HW2Error(f"{path}: not a usable checkpoint ({type(e).__name__})") from None
+
+
 def precheck_paths(cfg):
     """The paths the user named, checked in milliseconds before Problems 1-3 spend their ~9 s, so
     a typo fails at once. Contents (batch files, test.npy's array) are validated when loaded."""
@@ -2328,17 +2335,19 @@ def count_run_flops(hp, epochs, images_per_epoch, batch_size=None):
 
 
 # Native bf16 is not always fast bf16. A training step of `quick`'s bf16 net, batch 256, 2 cores
-# (BENCHMARKS.md): 0.11 s in bf16 vs 0.18 s in fp32 on a Zen 5, but 0.49 s vs 0.31 s on an Intel
-# Xeon (Emerald Rapids) whose VM hides AMX, where the bf16 recipe took 1018 s instead of 308 s:
-# there oneDNN's native AVX512-BF16 convolutions took 358 ms per step against fp32's 262 ms.
-# No CPU flag tells the two apart, so `auto` measures before it keeps bf16.
-BF16_MIN_SPEEDUP = 1.25  # measured: Zen 5 1.6 (the bf16 recipe fits 6 min), that Xeon 0.6-0.9
+# (BENCHMARKS.md): 0.11 s in bf16 vs 0.18 s in fp32 on a Zen 5 (the bf16 recipe's command: 308 s),
+# but 0.49 s vs 0.31 s on an Intel Xeon (Emerald Rapids) whose VM hides AMX (1018 s): there
+# oneDNN's native AVX512-BF16 convolutions took 358 ms per step against fp32's 262 ms. No CPU
+# flag tells the two apart, so `auto` measures before it keeps bf16. The threshold guards
+# against bf16 kernels no faster than fp32's; it does not predict the run's length on a CPU slow
+# in both precisions (no such CPU with native bf16 has been seen).
+BF16_MIN_SPEEDUP = 1.25  # measured: Zen 5 1.64 (step); that Xeon 0.63-0.91 (step), 0.58-0.92 here
 
 
-def cpu_bf16_speedup(batch=256, pairs=2):
+def cpu_bf16_speedup(batch=256, pairs=3):
     """fp32 seconds / bf16 seconds of one forward + backward of `quick`'s bf16 net on this CPU:
     the best of `pairs` alternating runs (noise only adds time), after a pair that builds oneDNN's
-    kernels: 2.1-2.5 s on the Xeon, ~1 s on a Zen 5 by its step times. Leaves RNG and threads as found."""
+    kernels: ~3 s on the Xeon, ~1.2 s on a Zen 5 by its step times. Leaves RNG and threads as found."""
     hp, threads = PRESETS["quick"], torch.get_num_threads()
     best = dict(fp32=math.inf, bf16=math.inf)
     with torch.random.fork_rng(devices=[]):
@@ -2361,24 +2370,41 @@ def cpu_bf16_speedup(batch=256, pairs=2):
     return best["fp32"] / best["bf16"]
 
 
-def settle_cpu_precision(plan, measure=cpu_bf16_speedup):
+def saved_precision(cfg):
+    """The precision the checkpoint that --resume continues, or the model that --predict-only
+    loads, was trained in (None if there is none, or it predates the record)."""
+    name = "checkpoint.pt" if cfg.resume else "model.pt" if cfg.predict_only else None
+    path = name and os.path.join(cfg.output_dir, name)
+    if not path or not os.path.isfile(path):
+        return None  # the run stops later with the one-line error for the missing file
+    saved = load_checkpoint(path)
+    return (saved.get("identity") or {}).get("precision") if cfg.resume else saved.get("precision")
+
+
+def settle_cpu_precision(plan, measure=cpu_bf16_speedup, saved=None):
     """Where `--precision auto` chose bf16 on the CPU (native bf16), keep it only if `measure()`
     finds it at least BF16_MIN_SPEEDUP× as fast as fp32; else fp32, and `quick` takes its fp32
-    recipe. Updates `plan` (precision, bf16_speedup) and returns a line to print ("" if unmeasured).
+    recipe. A resumed or reloaded run keeps the precision it was trained in (`saved`), and
+    several CPU processes keep the flag's choice (each must choose alike, and none times alone).
+    Updates `plan` (precision, bf16_speedup) and returns a line to print ("" if nothing changed).
     An explicit --precision is never second-guessed."""
     plan.setdefault("bf16_speedup", None)
-    if not plan.get("auto_precision") or plan["device"] != "cpu" or plan["precision"] != "bf16":
+    if (not plan.get("auto_precision") or plan["device"] != "cpu" or plan["precision"] != "bf16"
+            or plan.get("world_size", 1) > 1):
         return ""
+    if saved in ("bf16", "fp32"):
+        plan["precision"] = saved
+        return f"precision: {saved}, as the saved run was trained (nothing measured)"
     speedup = plan["bf16_speedup"] = round(measure(), 2)
     if speedup < BF16_MIN_SPEEDUP:
         plan["precision"] = "fp32"
-    return (f"precision: a bf16 training step ran {speedup:.2f}× as fast as fp32 on this CPU "
+    return (f"precision: bf16 ran a forward + backward {speedup:.2f}× as fast as fp32 on this CPU "
             f"(bf16 needs ≥ {BF16_MIN_SPEEDUP}×) -> {plan['precision']}; --precision pins it")
 
 
 if RUN and not CFG.answers_only:
     T0 = time.time()
-    _line = settle_cpu_precision(HW)
+    _line = settle_cpu_precision(HW, saved=saved_precision(CFG))
     T_PRECISION = time.time() - T0  # the bf16 measurement where there is one, else ~0
     if _line:
         print(_line)
@@ -2529,7 +2555,8 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
         DIST.average_buffers(model)  # the final BN recompute may differ in the last bits per GPU
         if rank == 0:
             save_torch(os.path.join(cfg.output_dir, "model.pt"),
-                       model_record(model, cfg, hp, history, batch_size, data, world_size=world, train_stats=stats))
+                       model_record(model, cfg, hp, history, batch_size, data, world_size=world, train_stats=stats,
+                                    precision=hw["precision"]))
         return model, history
     finally:
         DIST = SingleProcess()
@@ -2608,6 +2635,7 @@ def torchrun_follower():
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     configure_determinism(cfg.deterministic, cfg.autotune)
     hw = choose_hardware(cfg)
+    settle_cpu_precision(hw)  # a no-op with several processes: rank 0 chose by the same rule
     cfg.preset = hw["preset"]
     train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
                preset_hparams(cfg.preset, hw, cfg.optimizer, cfg.widths), hw, cfg)
@@ -2910,13 +2938,6 @@ def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
-    except Exception as e:
-        raise HW2Error(f"{path}: not a usable checkpoint ({type(e).__name__})") from None
-
-
 CHECKPOINT_EVERY_S = 60.0  # default --checkpoint-every: one save (0.07-0.21 s for full's 153 MB, measured) a minute
 FP16_MAX = 65504.0
 # Largest weight gradient (computed in fp16 under autocast) at batch 1024, rounded up from the
@@ -3143,7 +3164,7 @@ if RUN and not CFG.answers_only:
     else:
         MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG, TRAIN_STATS)
         save_torch(os.path.join(CFG.output_dir, "model.pt"),
-                   model_record(MODEL, CFG, HP, HISTORY, BATCH_SIZE, DATA))
+                   model_record(MODEL, CFG, HP, HISTORY, BATCH_SIZE, DATA, precision=HW["precision"]))
     T_TRAIN = time.time() - T0
 
 if __name__ == "__main__" and TORCHRUN_RANK:  # ranks 1.. of torchrun (they skipped every section)

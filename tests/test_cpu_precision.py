@@ -102,10 +102,24 @@ def test_nothing_is_measured_unless_auto_chose_bf16_on_the_cpu():
     for plan in (_bf16_plan(auto_precision=False),            # --precision bf16: honoured as asked
                  _bf16_plan(precision="fp32"),                 # no native bf16, or --precision fp32
                  _bf16_plan(device="cuda", precision="fp16"),  # a GPU
-                 _bf16_plan(device="cuda")):                   # --precision bf16 on an sm_80+ GPU
+                 _bf16_plan(device="cuda"),                    # --precision bf16 on an sm_80+ GPU
+                 _bf16_plan(world_size=2)):  # several CPU processes: each must choose alike
         before = dict(plan)
-        assert hw2.settle_cpu_precision(plan, measure=never) == ""
+        assert hw2.settle_cpu_precision(plan, measure=never, saved="fp32") == ""
         assert plan == dict(before, bf16_speedup=None)
+
+
+def test_a_resumed_or_reloaded_run_keeps_its_saved_precision():
+    def never():
+        raise AssertionError("measured")
+    for saved in ("bf16", "fp32"):
+        plan = _bf16_plan()
+        line = hw2.settle_cpu_precision(plan, measure=never, saved=saved)
+        assert plan["precision"] == saved and plan["bf16_speedup"] is None
+        assert line == f"precision: {saved}, as the saved run was trained (nothing measured)"
+    plan = _bf16_plan()  # a file from before the record: measured like a new run
+    hw2.settle_cpu_precision(plan, measure=lambda: 0.5, saved=None)
+    assert plan["precision"] == "fp32" and plan["bf16_speedup"] == 0.5
 
 
 def test_choose_hardware_marks_an_automatic_precision(monkeypatch):

@@ -87,6 +87,13 @@ def test_base_run_positive_control(base):
     native, speedup = hw2.cpu_native_bf16(), metrics["cpu"]["bf16_speedup"]
     assert (speedup is not None) is native  # measured only where bf16 is native
     assert (metrics["seconds"]["precision"] > 0.05) is native  # ... and its seconds are reported
+    # --resume and --predict-only read the precision back instead of measuring again
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["precision"] == metrics["precision"]
+    for flag in ("resume", "predict_only"):
+        cfg = hw2.parse_config(["--output-dir", str(out), f"--{flag.replace('_', '-')}"])
+        assert hw2.saved_precision(cfg) == metrics["precision"], flag
+    assert hw2.saved_precision(hw2.parse_config(["--output-dir", str(out)])) is None  # a new run
     assert metrics["precision"] == ("bf16" if native and speedup >= hw2.BF16_MIN_SPEEDUP else "fp32")
     assert metrics["cpu"]["native_bf16"] is native and metrics["cpu"]["name"] == hw2.cpu_name()
     assert metrics["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability()
