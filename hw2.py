@@ -27,7 +27,7 @@
 # |---|---|---|---|---|
 # | `full` (default on a GPU) | Kaggle T4 | 10-conv residual net, 128/512/512 channels, whitened stem, 26 epochs, Muon for the filters | 0.96× airbench96's FLOPs; the SGD recipe (30 epochs): 29 s on an H200; on a T4 not measured: 3–5 min if it reaches an assumed 15–25 TFLOP/s, 13 min at the 9.3 % of peak `fast` reached on the H200 | SGD recipe 0.934 on an H200; Muon: a CPU proxy only (equal to SGD at 30 epochs, 0.18 % behind airbench96 there) |
 # | `fast` | GPU, airbench94's class (94 % on the official test set in seconds) | same family, 64/256/256 channels, 7 epochs, Muon for the filters | 1/14 of `full`'s training FLOPs per run (¼ per image); at 8 epochs 5.3 s train + predict on an H200 (airbench94: 2.2 s), ≈ 55 s of training estimated on a T4 (7 epochs of all 50k images) | at 8 epochs 0.911 on an H200 (2 seeds; airbench94 on the same card and split: 0.904); 7 epochs: CPU proxy only (−0.01 %) |
-# | `quick` (default on CPU) | 2-core CPU | same family, 32/96/192 channels, 12 epochs in bf16 where the CPU has it natively and a timed step shows it ≥ 1.25× fp32's speed; else 16/64/128, 6 epochs in fp32 | 5.1 min for the whole script on 2 Zen 5 cores (bf16); 4.3 min on 2 Zen 3 cores, 3.2 min on 2 Xeon cores (fp32) | 0.901 (bf16, mean of 3 seeds) / 0.8605 (fp32, 2 seeds) |
+# | `quick` (default on CPU) | 2-core CPU | same family, 32/96/192 channels, 12 epochs in bf16 where the CPU has it natively and a timed step shows it ≥ 1.25× fp32's speed; else 16/64/128, 6 epochs in fp32 | 5.1 min for the whole script on 2 Zen 5 cores (bf16); 4.3 min on 2 Zen 3 cores, 2.9–3.2 min on 2 Xeon cores (fp32) | 0.901 (bf16, mean of 3 seeds) / 0.8605 (fp32, 2 seeds) |
 # | `smoke` | tests / `make check` | tiny | seconds | — (checks the plumbing) |
 #
 # Terms in the table: **airbench94/96** are the fastest published CIFAR-10 trainers (Keller
@@ -192,7 +192,7 @@ PRESETS = {
         # fp32, where a step of this net costs ~1.7x: there the previous, narrower net trains 6
         # epochs. On a Zen 3 (AVX2 only; 35-51 s per epoch on a noisy host) 8 epochs took 380 s for
         # the whole script, over 6 minutes; 6 take 257 s (0.8605, 2 seeds) and would fit even if
-        # every epoch took 51 s (tests/test_cpu_precision.py); on a Xeon where bf16 is slow, 191 s
+        # every epoch took 51 s (tests/test_cpu_precision.py); on a Xeon where bf16 is slow, 172-191 s
         cpu_fp32=dict(widths=(16, 64, 128), residual=(False, True, True), epochs=6, batch_size=512),
         batch_size=256,           # on 2 cores a smaller batch costs no speed and helps 12 epochs
         lr=9.0, momentum=0.85,
