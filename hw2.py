@@ -2381,20 +2381,22 @@ def saved_precision(cfg):
     return (saved.get("identity") or {}).get("precision") if cfg.resume else saved.get("precision")
 
 
-def settle_cpu_precision(plan, measure=cpu_bf16_speedup, saved=None):
+def settle_cpu_precision(plan, measure=cpu_bf16_speedup, saved=lambda: None):
     """Where `--precision auto` chose bf16 on the CPU (native bf16), keep it only if `measure()`
     finds it at least BF16_MIN_SPEEDUP× as fast as fp32; else fp32, and `quick` takes its fp32
-    recipe. A resumed or reloaded run keeps the precision it was trained in (`saved`), and
-    several CPU processes keep the flag's choice (each must choose alike, and none times alone).
+    recipe. A resumed or reloaded run keeps the precision it was trained in (`saved()`, asked only
+    here, so a GPU run never reads its checkpoint for it), and several CPU processes keep the
+    flag's choice (each must choose alike, and none times alone; torchrun's followers rely on it).
     Updates `plan` (precision, bf16_speedup) and returns a line to print ("" if nothing changed).
     An explicit --precision is never second-guessed."""
     plan.setdefault("bf16_speedup", None)
     if (not plan.get("auto_precision") or plan["device"] != "cpu" or plan["precision"] != "bf16"
             or plan.get("world_size", 1) > 1):
         return ""
-    if saved in ("bf16", "fp32"):
-        plan["precision"] = saved
-        return f"precision: {saved}, as the saved run was trained (nothing measured)"
+    known = saved()
+    if known in ("bf16", "fp32"):
+        plan["precision"] = known
+        return f"precision: {known}, as the saved run was trained (nothing measured)"
     speedup = plan["bf16_speedup"] = round(measure(), 2)
     if speedup < BF16_MIN_SPEEDUP:
         plan["precision"] = "fp32"
@@ -2404,7 +2406,7 @@ def settle_cpu_precision(plan, measure=cpu_bf16_speedup, saved=None):
 
 if RUN and not CFG.answers_only:
     T0 = time.time()
-    _line = settle_cpu_precision(HW, saved=saved_precision(CFG))
+    _line = settle_cpu_precision(HW, saved=lambda: saved_precision(CFG))
     T_PRECISION = time.time() - T0  # the bf16 measurement where there is one, else ~0
     if _line:
         print(_line)
@@ -2634,8 +2636,7 @@ def torchrun_follower():
         cfg = parse_config()
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     configure_determinism(cfg.deterministic, cfg.autotune)
-    hw = choose_hardware(cfg)
-    settle_cpu_precision(hw)  # a no-op with several processes: rank 0 chose by the same rule
+    hw = choose_hardware(cfg)  # several processes keep the flag's precision, as rank 0 did
     cfg.preset = hw["preset"]
     train_rank(TORCHRUN_RANK, hw["world_size"], load_data(cfg, PRESETS[cfg.preset]),
                preset_hparams(cfg.preset, hw, cfg.optimizer, cfg.widths), hw, cfg)

@@ -78,47 +78,47 @@ def _bf16_plan(**kw):
     return plan
 
 
+def _never():
+    raise AssertionError("measured or read where nothing should be")
+
+
 def test_auto_keeps_bf16_only_where_it_measures_faster():
-    for (fp32_s, bf16_s), kept in ((ZEN5_STEP, "bf16"), (XEON_NO_AMX_STEP, "fp32")):
+    quick = hw2.PRESETS["quick"]
+    for (fp32_s, bf16_s), kept, epochs in ((ZEN5_STEP, "bf16", quick["epochs"]),
+                                           (XEON_NO_AMX_STEP, "fp32", quick["cpu_fp32"]["epochs"])):
         plan = _bf16_plan()
         line = hw2.settle_cpu_precision(plan, measure=lambda: fp32_s / bf16_s)
         assert plan["precision"] == kept and plan["bf16_speedup"] == round(fp32_s / bf16_s, 2)
         assert line.startswith("precision: ") and line.endswith(f"-> {kept}; --precision pins it")
+        # ... and quick trains the recipe sized for that precision (the Xeon: 6 minutes in fp32)
+        assert hw2.preset_hparams("quick", plan)["epochs"] == epochs
     # the threshold sits well between the two CPUs measured, so noise can't flip either
     assert 1.25 * hw2.BF16_MIN_SPEEDUP <= ZEN5_STEP[0] / ZEN5_STEP[1]
     assert XEON_NO_AMX_STEP[0] / XEON_NO_AMX_STEP[1] <= hw2.BF16_MIN_SPEEDUP / 1.25
     plan = _bf16_plan()
     hw2.settle_cpu_precision(plan, measure=lambda: hw2.BF16_MIN_SPEEDUP)
     assert plan["precision"] == "bf16"  # at the threshold: bf16
-    # ... and on the slow CPU quick then trains its fp32 recipe, sized for 6 minutes in fp32
-    plan = _bf16_plan()
-    hw2.settle_cpu_precision(plan, measure=lambda: XEON_NO_AMX_STEP[0] / XEON_NO_AMX_STEP[1])
-    assert hw2.preset_hparams("quick", plan)["epochs"] == hw2.PRESETS["quick"]["cpu_fp32"]["epochs"]
 
 
 def test_nothing_is_measured_unless_auto_chose_bf16_on_the_cpu():
-    def never():
-        raise AssertionError("measured")
     for plan in (_bf16_plan(auto_precision=False),            # --precision bf16: honoured as asked
                  _bf16_plan(precision="fp32"),                 # no native bf16, or --precision fp32
                  _bf16_plan(device="cuda", precision="fp16"),  # a GPU
                  _bf16_plan(device="cuda"),                    # --precision bf16 on an sm_80+ GPU
                  _bf16_plan(world_size=2)):  # several CPU processes: each must choose alike
         before = dict(plan)
-        assert hw2.settle_cpu_precision(plan, measure=never, saved="fp32") == ""
+        assert hw2.settle_cpu_precision(plan, measure=_never, saved=_never) == ""
         assert plan == dict(before, bf16_speedup=None)
 
 
 def test_a_resumed_or_reloaded_run_keeps_its_saved_precision():
-    def never():
-        raise AssertionError("measured")
     for saved in ("bf16", "fp32"):
         plan = _bf16_plan()
-        line = hw2.settle_cpu_precision(plan, measure=never, saved=saved)
+        line = hw2.settle_cpu_precision(plan, measure=_never, saved=lambda: saved)
         assert plan["precision"] == saved and plan["bf16_speedup"] is None
         assert line == f"precision: {saved}, as the saved run was trained (nothing measured)"
     plan = _bf16_plan()  # a file from before the record: measured like a new run
-    hw2.settle_cpu_precision(plan, measure=lambda: 0.5, saved=None)
+    hw2.settle_cpu_precision(plan, measure=lambda: 0.5, saved=lambda: None)
     assert plan["precision"] == "fp32" and plan["bf16_speedup"] == 0.5
 
 
