@@ -26,7 +26,7 @@ def train_cfg(tmp_path, **kw):
     """The config `hw2.train` reads, for calling it directly (smoke preset, checkpoint every epoch)."""
     import argparse
     base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None,
-                checkpoint_every=0.0, deterministic=False, autotune="on")
+                checkpoint_every=0.0, deterministic=False, autotune="off")
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -80,10 +80,10 @@ def verdicts(anchors, ok):
                    f"train+predict {t:.1f} s vs {factor}x its median {median:.1f} s = {factor * median:.1f} s: "
                    f"{'MET' if t <= factor * median else 'NOT MET'} ({t / median:.2f}x; {t / warm:.2f}x its warm runs' "
                    f"{warm:.1f} s) | n={len(rs)}")
-        noat = ok.get(f"{preset}_s0_noat")
-        if noat:
-            t = noat["train_s"] + noat["predict_s"]
-            out.append(f"  with --autotune off (seed 0): acc {noat['acc']:.4f}, train+predict {t:.1f} s = {t / median:.2f}x")
+        at = ok.get(f"{preset}_s0_at")
+        if at:
+            t = at["train_s"] + at["predict_s"]
+            out.append(f"  with --autotune on (seed 0): acc {at['acc']:.4f}, train+predict {t:.1f} s = {t / median:.2f}x")
     return (["", "## issue #7 verdicts (mean over seeds; the anchors' median wall per run)"] + out) if out else []
 
 
@@ -115,9 +115,9 @@ def summary(runs_path, log_path):
                 f"fp16: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s, "
                 f"{a['tflops_epoch']} TFLOP/s | bf16: acc {b['acc']:.4f}, train+predict "
                 f"{b['train_s'] + b['predict_s']:.1f} s, {b['tflops_epoch']} TFLOP/s"]
-    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_noat"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_noat" in ok]
+    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_at"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_at" in ok]
     if pairs:  # cuDNN autotuning: a one-off cost at each convolution's first call, faster steps after
-        out += ["", "## cuDNN autotuning on (the default) vs --autotune off, seed 0"]
+        out += ["", "## cuDNN autotuning off (the default since 2026-11-29) vs --autotune on, seed 0"]
         out += [f"{r['preset']} autotune {r['autotune']}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
                 f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.1f} s"
                 for pair in pairs for r in pair]
