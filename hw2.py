@@ -403,8 +403,8 @@ def configure_determinism(deterministic, autotune="off"):
 
     `autotune` ("on"/"off", default off): cuDNN times every candidate kernel of each new
     convolution shape and keeps the fastest; the winner can change run to run. On an H200
-    (2026-11-29, BENCHMARKS.md) that timing cost 0.4-1.5 s of the first epoch and won at most
-    ~3 % per later epoch, so `fast` (7 epochs) and `full` (26) both finished sooner without it."""
+    (2026-11-29, BENCHMARKS.md) that timing cost 0.4-1.5 s of the first epoch and bought no later-
+    epoch speed above the noise, so `fast` (7 epochs) and `full` (26) both finished sooner without it."""
     if deterministic:
         # cuBLAS picks its workspace (and so its reduction order) when its handle is made
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -2992,9 +2992,10 @@ def check_still_learning(row, scaler, init_scale=None):
     if scaler is None and not math.isfinite(row["train_loss"]):
         raise HW2Error(f"training diverged in epoch {row['epoch']}: the training loss is "
                        f"{row['train_loss']}; nothing is written from it (try another --seed or --precision)")
-    if scaler is not None and scaler.get_scale() < FP16_SCALE_FLOOR:
+    scale = None if scaler is None else scaler.get_scale()
+    if scale is not None and scale < FP16_SCALE_FLOOR:
         raise HW2Error(f"training learnt nothing by epoch {row['epoch']}: fp16 gradients overflowed at "
-                       f"every step (loss scale {init_scale} -> {scaler.get_scale():.3g}); nothing is "
+                       f"every step (loss scale {init_scale} -> {scale:.3g}); nothing is "
                        "written from it (try --precision fp32, or bf16 on sm_80+)")
 
 
@@ -3045,7 +3046,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     opt = make_optimizer(model, hp, batch_size, fused=precision == "fp16",
                          ns_dtype=newton_schulz_dtype(device, precision))
     # the default scale (65536) overflows the summed loss's weight gradients: see fp16_loss_scale
-    scaler = torch.amp.GradScaler(device, init_scale=fp16_loss_scale(batch_size)) if precision == "fp16" else None
+    init_scale = fp16_loss_scale(batch_size)
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale) if precision == "fp16" else None
     lookahead = Lookahead(model)
     base_flip = torch.rand(n, device=device, generator=gen) < 0.5
     history, start_epoch, step = [], 0, 0
@@ -3122,7 +3124,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         row["seconds"] = time.time() - t0
         history.append(row)
         log(_epoch_line(row))
-        check_still_learning(row, scaler, fp16_loss_scale(batch_size))
+        check_still_learning(row, scaler, init_scale)
         last = epoch + 1 == epochs
         if DIST.rank == 0 and (last or time.time() - t_saved >= every):  # cost: a small share
             t1 = time.time()
@@ -3132,7 +3134,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
             ckpt.update(saves=ckpt["saves"] + 1, seconds=round(ckpt["seconds"] + t_saved - t1, 3),
                         bytes=os.path.getsize(ckpt_path))
     if scaler is not None:  # one skipped step per halving: init/end tells how many overflowed
-        stats["fp16_scale"] = dict(init=fp16_loss_scale(batch_size), end=scaler.get_scale())
+        stats["fp16_scale"] = dict(init=init_scale, end=scaler.get_scale())
     recompute_bn_stats(model, train_x, device, precision, batch_size)
     return model, history
 

@@ -5,6 +5,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import weakref
 
 import numpy as np
@@ -17,6 +18,9 @@ import hw2
 from conftest import quiet as _quiet, run_hw2, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 CPU = dict(device="cpu", precision="fp32", compile=False)
+# Inductor's CPU backend builds its kernels with a C++ compiler
+needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                               reason="no C++ compiler: Inductor's CPU backend cannot build kernels here")
 
 
 # ---------------------------------------------------------------- OOM retry
@@ -318,14 +322,12 @@ def test_model_trains_under_deterministic_algorithms(tmp_path):
     assert len(hist) == 1
 
 
+@needs_cxx
 def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
     """--compile (item 5, a GPU flag) through Dynamo and Inductor's C++ backend on the CPU: the
     graph capture is the GPU's, so a graph break or a recompile per step would show here, before a
     card pays for it. Expected: one graph, recompiled once when the stem's bias freezes."""
-    import shutil
     from torch._dynamo.utils import counters
-    if not shutil.which(os.environ.get("CXX", "g++")):
-        pytest.skip("no C++ compiler: Inductor's CPU backend cannot build kernels here")
     hp = dict(hw2.PRESETS["smoke"])
     eager = hw2.train(_data(), hp, CPU, _cfg(tmp_path), 2, 32, log=_quiet)[1]
     torch._dynamo.reset()
@@ -342,14 +344,12 @@ def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
 
 
+@needs_cxx
 def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
     """--compile in fp16 (the GPU's precision), GradScaler and fused step included, through the
     real train() on the CPU. On an H200 (2026-11-29) the compiled runs learnt nothing: every
     gradient was NaN, from amax's backward over an un-rounded fused GELU (hw2.torch_compile).
     Before the fix this run's loss stayed at chance and check_still_learning stopped it."""
-    import shutil
-    if not shutil.which(os.environ.get("CXX", "g++")):
-        pytest.skip("no C++ compiler: Inductor's CPU backend cannot build kernels here")
     hp = dict(hw2.PRESETS["smoke"])
     fp16 = dict(CPU, precision="fp16")
     stats = {}
@@ -367,15 +367,13 @@ def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
 
 
+@needs_cxx
 def test_compiled_fp16_amax_of_gelu_gradient():
     """The bug itself, on the net's last two ops: with Inductor's default (half-precision
     intermediates not rounded), amax's backward finds no entry equal to the max and the gradient
     is NaN; with hw2.torch_compile's setting it matches eager's exactly. If a later torch no
     longer needs the setting, the first half says so (skip), and the setting can go."""
-    import shutil
     import torch._inductor.config as inductor_config
-    if not shutil.which(os.environ.get("CXX", "g++")):
-        pytest.skip("no C++ compiler: Inductor's CPU backend cannot build kernels here")
 
     def grad(fn):
         x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0)).half().requires_grad_()

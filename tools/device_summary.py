@@ -105,7 +105,7 @@ def summary(runs_path, log_path):
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
         a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
         if a and b:
-            out += ["", f"## {preset}: Muon vs SGD, seed 0 (CPU proxy: {proxy}; Muon's GPU cost unknown)",
+            out += ["", f"## {preset}: Muon vs SGD, seed 0 (CPU proxy: {proxy})",
                     f"{a['optimizer']} {a['epochs']} epochs: acc {a['acc']:.4f}, train+predict "
                     f"{a['train_s'] + a['predict_s']:.1f} s | {b['optimizer']} {b['epochs']} epochs: acc "
                     f"{b['acc']:.4f}, train+predict {b['train_s'] + b['predict_s']:.1f} s"]
