@@ -463,7 +463,7 @@ def test_bad_env_int_names_the_variable(tmp_path):
     assert not res.stderr.lstrip().startswith("usage:")
 
 
-@pytest.mark.parametrize("name", ["preset", "device", "precision", "autotune"])
+@pytest.mark.parametrize("name", ["preset", "device", "precision", "autotune", "cuda_graph"])
 def test_bad_env_choice_is_rejected(name, monkeypatch):
     monkeypatch.setenv(f"HW2_{name.upper()}", "bogus")
     with pytest.raises(hw2.HW2Error, match="bogus"):

@@ -1,5 +1,7 @@
 """Muon for the conv filters (the `fast` preset): the Newton-Schulz orthogonalisation against an
 SVD, the optimizer's step against a hand computation, and the scale invariance it relies on."""
+import copy
+
 import pytest
 import torch
 
@@ -284,3 +286,92 @@ def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
     # scale that check_still_learning reads), 2 for the scaler's state in the first epoch's
     # checkpoint, 1 for its final scale in stats
     assert counts[320] == counts[640] == 9, counts
+
+
+# ------------------------------------------------ Muon's step replayed from a CUDA graph (GPU runs)
+@pytest.mark.parametrize("fp16", [True, False])
+def test_captured_muon_step_refills_its_inputs_every_step(monkeypatch, fp16):
+    """On a GPU, Muon's update is recorded once as a CUDA graph and replayed: the replay reads
+    only the tensors it was recorded on, so each step must copy its own gradients, learning rate
+    and GradScaler state into them. Here (no GPU) a stand-in graph re-runs the recorded call on
+    the recorded tensors, which is what a replay does. Over steps with a changing lr, an
+    overflowed step, and an optimizer state reloaded as on --resume (new momentum buffers, so a
+    new recording), the weights and momentum must equal the eager optimizer's bit for bit. A
+    replay of stale inputs, or a warm-up that moved the real weights, would break that."""
+    recorded = []
+
+    def stand_in(warm_up, fn):  # capture_cuda_graph's contract: warm_up runs, fn is replayed
+        warm_up()
+        recorded.append(fn)
+        return type("Graph", (), {"replay": staticmethod(fn)})()
+
+    monkeypatch.setattr(hw2, "capture_cuda_graph", stand_in)
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model, grads = _model_and_grads()
+    ref, _ = _model_and_grads()
+    opt = hw2.make_optimizer(model, hp, 32, fused=fp16, cuda_graph=True)
+    ref_opt = hw2.make_optimizer(ref, hp, 32, fused=fp16)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    schedule = [(grads[0], 1.0, None), (grads[1], 0.5, None), (grads[0], 0.7, "groups.1.conv2.weight"),
+                (grads[1], 0.3, None)]
+    for k, (g, f, poison) in enumerate(schedule):
+        if k == 3:  # --resume: the optimizer state comes back as new tensors (torch.load's)
+            for o in (opt, ref_opt):
+                o.load_state_dict(copy.deepcopy(o.state_dict()))
+        for m, o, scaler in ((model, opt, scalers[0]), (ref, ref_opt, scalers[1])):
+            for group in o.param_groups:
+                group["lr"] = group["base_lr"] * f
+            if fp16:
+                _scaled_steps(m, o, scaler, [g, g] if poison else [g], poison=poison)
+            else:
+                _two_steps(m, o, [g])
+    assert len(recorded) == 2 and len(opt.graphs) == 1  # once, then again for the new buffers
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    bufs = [s["muon_momentum"] for s in opt.state.values() if "muon_momentum" in s]
+    ref_bufs = [s["muon_momentum"] for s in ref_opt.state.values() if "muon_momentum" in s]
+    assert len(bufs) == 9 and all(torch.equal(a, b) for a, b in zip(bufs, ref_bufs))
+    if fp16:
+        assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0  # the overflow was seen
+
+
+def test_captured_muon_step_falls_back_to_eager_if_the_capture_fails(monkeypatch, capsys):
+    """A CUDA that refuses the recording (a driver, an op) costs speed, not the run: one note,
+    and every step from then on is the eager update, from weights that have not moved."""
+    def refuse(warm_up, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(hw2, "capture_cuda_graph", refuse)
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    model, grads = _model_and_grads()
+    ref, _ = _model_and_grads()
+    opt = hw2.make_optimizer(model, hp, 32, cuda_graph=True)
+    _two_steps(model, opt, grads)
+    _two_steps(ref, hw2.make_optimizer(ref, hp, 32), grads)
+    assert not opt.cuda_graph and not opt.graphs
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    err = capsys.readouterr().err
+    assert err.count("hw2: note: Muon's step could not be captured") == 1 and "runs eagerly" in err
+
+
+def test_train_with_muons_step_replayed_gives_the_eager_model(tmp_path, monkeypatch):
+    """train() end to end, as on a GPU with --cuda-graph on (the graph a stand-in that replays the
+    recorded call): the same losses, weights and predictions as the eager run, and `stats` says
+    the step was replayed. On the CPU train() never asks for a graph: that run is the eager one."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    runs, real = {}, hw2.make_optimizer
+    for graph in (False, True):
+        stats, recorded = {}, []
+        if graph:
+            monkeypatch.setattr(hw2, "capture_cuda_graph", lambda warm_up, fn: warm_up() or recorded.append(fn)
+                                or type("Graph", (), {"replay": staticmethod(fn)})())
+            monkeypatch.setattr(hw2, "make_optimizer", lambda *a, **kw: real(*a, **dict(kw, cuda_graph=True)))
+        (tmp_path / str(graph)).mkdir()
+        model, history = hw2.train(train_data(), hp, dict(device="cpu", precision="fp32", compile=False),
+                                   train_cfg(tmp_path / str(graph)), 2, 32, log=quiet, stats=stats)
+        runs[graph] = (model, history, stats["cuda_graph"], len(recorded))
+    (eager, h0, g0, _), (replayed, h1, g1, n_recorded) = runs[False], runs[True]
+    assert (g0, g1, n_recorded) == (False, True, 1)  # recorded once, replayed for every step after
+    assert [r["train_loss"] for r in h0] == [r["train_loss"] for r in h1]
+    for (n, p), q in zip(eager.state_dict().items(), replayed.state_dict().values()):
+        assert torch.equal(p, q), n

@@ -294,6 +294,15 @@ def test_autotune_is_off_unless_asked_for(monkeypatch):
     assert hw2.parse_config([]).autotune == "on"
 
 
+def test_cuda_graph_is_on_unless_turned_off(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    assert hw2.parse_config([]).cuda_graph == "on"  # the H200's measurement (BENCHMARKS.md)
+    assert hw2.parse_config(["--cuda-graph", "off"]).cuda_graph == "off"
+    monkeypatch.setenv("HW2_CUDA_GRAPH", "off")
+    assert hw2.parse_config([]).cuda_graph == "off"
+
+
 def test_configure_determinism_sets_every_switch(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
@@ -521,6 +530,7 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     assert m["submission_sha256"] == hashlib.sha256((out / "submission.csv").read_bytes()).hexdigest()
     for key in ("torch", "cuda", "cudnn", "device_name", "seed", "compile"):
         assert key in m, key
+    assert m["cuda_graph"] is False  # a CPU run: Muon's step is never a CUDA graph here
     flops = hw2.count_flops(hw2.PRESETS["fast"], whiten_bias_trains=True)
     assert m["flops"]["train_run"] == 800 * flops["train_per_image"]  # 1000 - 200 val, one batch
     assert m["checkpoint"]["saves"] == 1 and m["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")

@@ -18,17 +18,19 @@
 #   phase        what                                                             estimate
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)                  30
 #   preflight    hw2 fast, 1 epoch: stops the call if hw2.py fails or misses the GPU    25
-#   baseline     side_by_side.sh: airbench94 x3, airbench96 x2, hw2 full x2            140
-#   autotune     fast and full seed 0 with --autotune off (cuDNN's first-step timing)    45
-#   fast         hw2 fast x2 seeds (Muon), seed 0 with --optimizer sgd, seed 0 in bf16   50
+#   baseline     side_by_side.sh: airbench94 x3, airbench96 x3, hw2 full x3            170
+#   fast         hw2 fast x4 seeds (Muon from a CUDA graph), seed 0 with --cuda-graph off 60
+#   determinism  fast seed 0 again (default settings), fast seed 0 --deterministic       25
+#   compile      fast --compile, full --compile (compile time included)               100
 #   fastepochs   fast at 7 and 8 epochs x2 seeds on hw2's own split of the 50k            60
-#   compile      fast --compile, full --compile (compile time included)               160
-#   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS)  76
+#   graph        full seed 0 with --cuda-graph off (the graph's worth to full)           25
 #   profile      fast's warm epochs under torch.profiler: GPU time by kernel kind        25
-#   determinism  fast seed 0 again (default kernels), fast --deterministic x2          45
+#   autotune     fast and full seed 0 with --autotune on (measured 2026-11-29: off)      45
+#   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS)  76
+#   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
-#   total                                                                            ~695
-# (2026-11-29, an H200: every phase but fastepochs ran in 508 s in all, well under their estimates)
+#   default PHASES (the first nine)                                                   ~520
+# (2026-11-29, an H200: every phase of that day's list ran in 508 s in all, under their estimates)
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
 # order above (what issue #7 still lacks first; determinism, measured on 2026-11-28, and the
 # SGD recipe are for the record, last), so a slow card still returns the most important figures
@@ -36,7 +38,7 @@
 # DEADLINE=555 and timeout_s=590 (at these estimates all but the last ~140 s fit); if phases were skipped,
 # then at once, while the card is warm (it goes back after 30 s idle), e.g.
 # PHASES="determinism fullsgd" DEADLINE=100 with what is left.
-# Knobs: PHASES ("preflight baseline autotune fast fastepochs compile fullalt profile determinism fullsgd"), DEADLINE,
+# Knobs: PHASES (default "preflight baseline fast determinism compile fastepochs graph profile"), DEADLINE,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
 # try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.
 set -uo pipefail
@@ -62,7 +64,7 @@ else
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 128,384,512 --epochs 35}  # airbench96's widths, same FLOPs (proxy: level)
   PROFILE_PRESET=${PROFILE_PRESET:-fast}; PROFILE_ARGS=${PROFILE_ARGS:-}
 fi
-PHASES=${PHASES:-preflight baseline autotune fast fastepochs compile fullalt profile determinism fullsgd}
+PHASES=${PHASES:-preflight baseline fast determinism compile fastepochs graph profile}
 DEADLINE=${DEADLINE:-500}
 ANCHORS=.device/anchors
 [ -f "$ANCHORS/side_by_side.sh" ] || { echo "device_check: $ANCHORS missing: mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/"; exit 2; }
@@ -111,32 +113,35 @@ if phase preflight 25; then
     grep -n -i "note\|error\|cuda" "$W/runs/preflight.log" | tail -20
     echo "device_check: preflight ran on the CPU, not the GPU: stopping"; exit 3
   fi
+  # Muon's step from a CUDA graph: recorded and replayed, or fell back to eager (a note says why)
+  grep -o '"cuda_graph": [a-z]*' "$W/runs/preflight/metrics.json"; grep "hw2: note: Muon" "$W/runs/preflight.log"
 fi
 
 # data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)
-if phase baseline 140; then
-  W="$W" PY="$PY" AB94_RUNS=${AB94_RUNS:-3} AB96_RUNS=${AB96_RUNS:-2} HW2_RUNS=${FULL_RUNS:-2} \
+if phase baseline 170; then
+  W="$W" PY="$PY" AB94_RUNS=${AB94_RUNS:-3} AB96_RUNS=${AB96_RUNS:-3} HW2_RUNS=${FULL_RUNS:-3} \
     HW2_ARGS="$FULL_ARGS" bash "$ANCHORS/side_by_side.sh"
-  for s in $(seq 0 $(( ${FULL_RUNS:-2} - 1 ))); do  # the harness's runs, in our JSON too
+  for s in $(seq 0 $(( ${FULL_RUNS:-3} - 1 ))); do  # the harness's runs, in our JSON too
     [ -f "$W/hw2_$s/metrics.json" ] && "$PY" tools/device_summary.py run "full_s$s" "$W/hw2_$s/metrics.json" 0 0 \
       "$FULL_ARGS --seed $s" >>"$OUT/runs.jsonl"
   done
 fi
 
-# cuDNN autotuning times every candidate kernel at a convolution's first call. Off (the default
-# since 2026-11-29: on an H200 it cost 0.4-1.5 s of the first epoch and saved <= ~3 % later), cuDNN's
-# heuristics pick at once; this phase keeps checking that choice on the card at hand
-if phase autotune 45; then
-  hw2_run fast_s0_at $FAST_ARGS --seed 0 --autotune on
-  if fits "autotune (full)" 35; then hw2_run full_s0_at $FULL_ARGS --seed 0 --autotune on; fi
+if phase fast 60; then
+  for s in $(seq 0 $(( ${FAST_RUNS:-4} - 1 ))); do hw2_run "fast_s$s" $FAST_ARGS --seed "$s"; done
+  # the same run with Muon's update issued op by op: the graph's time saved, and the same bytes?
+  hw2_run fast_s0_nograph $FAST_ARGS --seed 0 --cuda-graph off
 fi
 
-if phase fast 50; then
-  for s in $(seq 0 $(( ${FAST_RUNS:-2} - 1 ))); do hw2_run "fast_s$s" $FAST_ARGS --seed "$s"; done
-  hw2_run fast_s0_sgd $FAST_ARGS --seed 0 --optimizer sgd  # Muon's worth (accuracy, time) on the card
-  # bf16 autocast needs no GradScaler: no scaling, no overflow check (fp16 stays the default: a T4
-  # has no bf16; its check no longer syncs every step, since the fused optimizer step)
-  hw2_run fast_s0_bf16 $FAST_ARGS --seed 0 --precision bf16
+if phase determinism 25; then  # same seed, same card: byte-identical submission.csv?
+  [ -f "$W/runs/fast_s0/submission.csv" ] || hw2_run fast_s0 $FAST_ARGS --seed 0
+  hw2_run fast_s0_again $FAST_ARGS --seed 0
+  hw2_run fast_s0_det $FAST_ARGS --seed 0 --deterministic  # its cost, and the same bytes as the default?
+fi
+
+if phase compile 100; then
+  hw2_run fast_s0_compile $FAST_ARGS --seed 0 --compile
+  if fits "compile (full)" 60; then hw2_run full_s0_compile $FULL_ARGS --seed 0 --compile; fi
 fi
 
 # fast's epochs, chosen on the CPU proxy (7 = 8 there), read 0.56 % lower at 7 on the card
@@ -149,9 +154,8 @@ if phase fastepochs 60; then
   done; done
 fi
 
-if phase compile 60; then
-  hw2_run fast_s0_compile $FAST_ARGS --seed 0 --compile
-  if fits "compile (full)" 100; then hw2_run full_s0_compile $FULL_ARGS --seed 0 --compile; fi
+if phase graph 25; then  # full's Muon step op by op, against the harness's full_s0
+  hw2_run full_s0_nograph $FULL_ARGS --seed 0 --cuda-graph off
 fi
 
 if phase fullalt 76; then  # the widths were chosen on a CPU proxy: the other choice beside them
@@ -163,11 +167,15 @@ if phase profile 25; then  # where a warm epoch's GPU time goes (kernel kinds, l
     | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
 fi
 
-if phase determinism 45; then  # same seed, same card: byte-identical submission.csv?
-  [ -f "$W/runs/fast_s0/submission.csv" ] || hw2_run fast_s0 $FAST_ARGS --seed 0
-  hw2_run fast_s0_again $FAST_ARGS --seed 0
-  hw2_run fast_s0_det $FAST_ARGS --seed 0 --deterministic
-  hw2_run fast_s0_det_again $FAST_ARGS --seed 0 --deterministic
+# measured on 2026-11-29 and decided; kept for a new card or a new torch
+if phase autotune 45; then
+  hw2_run fast_s0_at $FAST_ARGS --seed 0 --autotune on
+  if fits "autotune (full)" 35; then hw2_run full_s0_at $FULL_ARGS --seed 0 --autotune on; fi
+fi
+
+if phase sgdbf16 25; then  # Muon's worth, and bf16 (no GradScaler) against fp16
+  hw2_run fast_s0_sgd $FAST_ARGS --seed 0 --optimizer sgd
+  hw2_run fast_s0_bf16 $FAST_ARGS --seed 0 --precision bf16
 fi
 
 if phase fullsgd 38; then  # full's SGD recipe before Muon, for the record

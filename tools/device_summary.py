@@ -35,7 +35,8 @@ def run(name, metrics_path, t0, t1, flags):
                tflops_train=float(f"{flops['train_run'] / s['train'] / 1e12:.3g}") if flops and s["train"] else None,
                tflops_epoch=float(f"{per_epoch / statistics.median(later) / 1e12:.3g}") if flops else None,
                first_epoch_s=hist[0]["seconds"] if hist else None, checkpoint=m.get("checkpoint"),
-               fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"), widths=m.get("widths"))
+               fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"), widths=m.get("widths"),
+               cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2))
     print(json.dumps(row))
 
 
@@ -47,7 +48,8 @@ def line(r):
             f"train {r['train_s']:.1f} s + predict {r['predict_s']:.1f} s | whole {r['whole_s']} s | "
             f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
-            f"checkpoint {r['checkpoint']} | det {r['deterministic']} autotune {r.get('autotune')} compile {r['compile']} | sha {str(r['sha256'])[:12]}")
+            f"checkpoint {r['checkpoint']} | det {r['deterministic']} autotune {r.get('autotune')} compile {r['compile']} "
+            f"graph {r.get('cuda_graph')} | epochs sum {r.get('epochs_s')} s | sha {str(r['sha256'])[:12]}")
 
 
 def mean_sd(v):
@@ -129,8 +131,17 @@ def summary(runs_path, log_path):
             for r in filter(None, (a, b)):
                 out.append(f"{r['name']}: widths {r['widths']} {r['epochs']} epochs {r['optimizer']}: acc {r['acc']:.4f}, "
                            f"train+predict {r['train_s'] + r['predict_s']:.1f} s")
+    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_nograph"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_nograph" in ok]
+    if pairs:  # Muon's update replayed from a CUDA graph (the default) vs issued op by op
+        out += ["", "## Muon's step: CUDA graph (default) vs --cuda-graph off, seed 0"]
+        for a, b in pairs:
+            out += [f"{r['preset']} graph {r.get('cuda_graph')}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
+                    f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.2f} s | "
+                    f"sha {str(r['sha256'])[:12]}" for r in (a, b)]
+            out.append(f"{a['preset']}: submission.csv {'IDENTICAL' if a['sha256'] == b['sha256'] else 'DIFFERENT'} "
+                       f"with and without the graph")
     out += ["", "## determinism (same seed twice on this card)"]
-    for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0_det", "fast_s0_det_again")):
+    for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0", "fast_s0_det"), ("fast_s0_det", "fast_s0_det_again")):
         if a in ok and b in ok:
             same = ok[a]["sha256"] == ok[b]["sha256"] and ok[a]["sha256"] is not None
             out.append(f"{a} vs {b}: submission.csv {'IDENTICAL' if same else 'DIFFERENT'} "

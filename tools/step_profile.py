@@ -41,6 +41,9 @@ KINDS = [  # first match wins: (kind, substrings of the kernel's name, lower cas
     ("elementwise", ("elementwise", "gelu", "pool", "where", "softmax", "nll", "loss")),
     ("convolution", ("cudnn",)),  # cuDNN's other helpers
 ]
+# host<->device copies (.to(device), .cpu()) and reads (.item()): hw2's call sites, counted. A
+# blocking host-to-device copy makes the host wait for the GPU's queue to drain, like a sync
+STACKED = ("aten::_to_copy", "aten::_local_scalar_dense")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
@@ -59,7 +62,8 @@ def main():
     ap.add_argument("--data-dir", required=True, help="a folder holding cifar-10-batches-py")
     ap.add_argument("--epochs", type=int, default=2, help="epochs profiled (after one unprofiled)")
     ap.add_argument("--precision", default="auto", choices=hw2.PRECISIONS)
-    ap.add_argument("--autotune", default="off", choices=hw2.AUTOTUNE)
+    ap.add_argument("--autotune", default="off", choices=hw2.ON_OFF)
+    ap.add_argument("--cuda-graph", default="on", choices=hw2.ON_OFF, help="Muon's step from a CUDA graph")
     ap.add_argument("--n-train", type=int, default=None, help="fewer training images (plumbing checks)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -76,7 +80,8 @@ def main():
 
     def train(epochs):  # one hw2.train run from scratch; its per-epoch rows and its wall seconds
         cfg = argparse.Namespace(preset=a.preset, seed=0, output_dir=out, resume=False, epochs=epochs,
-                                     checkpoint_every=1e9, deterministic=False, autotune=a.autotune)
+                                     checkpoint_every=1e9, deterministic=False, autotune=a.autotune,
+                                     cuda_graph=a.cuda_graph)
         t0 = time.time()
         history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)[1]
         if cuda:
@@ -86,13 +91,15 @@ def main():
     warm, t_warm = train(1)
     plain, t_plain = train(a.epochs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    from torch._C._profiler import _ExperimentalConfig  # verbose: Python stacks on the ops
+    with profile(activities=activities, with_stack=True,
+                 experimental_config=_ExperimentalConfig(verbose=True)) as prof:
         _, t_prof = train(a.epochs)
     events = prof.key_averages()
     kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA and device_us(e) > 0]
     gpu_ms = sum(device_us(e) for e in kernels) / 1e3
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
-    print(f"PROFILE {a.preset} | {name} | torch {torch.__version__} | {precision} | autotune {a.autotune} | "
+    print(f"PROFILE {a.preset} | {name} | torch {torch.__version__} | {precision} | autotune {a.autotune} | cuda graph {a.cuda_graph} | "
           f"{n} images, batch {bs}, {a.epochs} epochs = {steps} steps")
     print(f"unprofiled: first process epoch {warm[0]['seconds']:.2f} s (one-off costs; train() {t_warm:.1f} s) | "
           f"warm epochs {' '.join('%.3f' % r['seconds'] for r in plain)} s (train() {t_plain:.2f} s)")
@@ -113,6 +120,14 @@ def main():
     top = sorted(kernels, key=lambda e: -device_us(e))[:12]
     for e in top:
         print(f"  {device_us(e) / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  [{kind(e.key)}] {e.key[:110]}")
+    # the most-launched kernels (2026-11-30: 174 copy/cast launches a step, origin unknown), and
+    # hw2's lines that copy between host and device or read a value back (STACKED)
+    for e in sorted(kernels, key=lambda e: -e.count)[:8]:
+        print(f"  most launched: x{e.count / steps:5.1f}/step {device_us(e) / 1e3 / steps:7.3f} ms/step  [{kind(e.key)}] {e.key[:100]}")
+    stacks = prof.key_averages(group_by_stack_n=6)
+    for e in sorted((e for e in stacks if e.key in STACKED), key=lambda e: -e.count)[:12]:
+        where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
+        print(f"  {e.key} x{e.count / steps:5.2f}/step ({e.count} in all) from {where[:300] or '(no hw2 frame)'}")
     if not cuda:  # the CPU: the ops that cost the most host time, for the plumbing check
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
             print(f"  {e.self_cpu_time_total / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  {e.key[:110]}")
