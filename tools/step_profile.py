@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a training epoch's GPU time goes: hw2.train under torch.profiler, summed by kernel kind.
 
-    python tools/step_profile.py --preset fast --data-dir D [--epochs 2] [--precision fp16]
+    python tools/step_profile.py --preset fast --data-dir D [--epochs 2] [--precision fp16] [--cold]
 
 Runs `hw2.train` itself (the code a student runs, not a copy) twice in one process: once for one
 epoch without the profiler, which pays the one-off costs (cuDNN autotuning, first kernel loads),
@@ -12,6 +12,9 @@ synchronisations per step, and the 12 costliest kernels. A busy share well below
 the host (Python, launches, syncs) holds the GPU back; near 100 % the kernels themselves do.
 The profiler adds host time per op, so its wall time is an upper bound; the unprofiled epochs'
 seconds are printed beside it. On a machine without a GPU it runs on the CPU (plumbing only).
+`--cold` profiles the unprofiled first epoch too, with a first prediction after it: the host's
+costliest calls in a fresh process (kernel loading, cuDNN set-up), where `fast` spends ~1.8 s
+more than in a warm run (BENCHMARKS.md, 2026-11-30).
 """
 import argparse
 import collections
@@ -65,6 +68,9 @@ def main():
     ap.add_argument("--autotune", default="off", choices=hw2.ON_OFF)
     ap.add_argument("--cuda-graph", default="on", choices=hw2.ON_OFF, help="Muon's step from a CUDA graph")
     ap.add_argument("--n-train", type=int, default=None, help="fewer training images (plumbing checks)")
+    ap.add_argument("--cold", action="store_true",
+                    help="first profile the process's first train() (1 epoch) and first prediction: "
+                         "where a fresh process's one-off seconds go")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     hw2.configure_determinism(False, a.autotune)
@@ -83,17 +89,31 @@ def main():
                                      checkpoint_every=1e9, deterministic=False, autotune=a.autotune,
                                      cuda_graph=a.cuda_graph)
         t0 = time.time()
-        history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)[1]
+        model, history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)
         if cuda:
             torch.cuda.synchronize()
+        train.model = model
         return history, time.time() - t0
 
-    warm, t_warm = train(1)
-    plain, t_plain = train(a.epochs)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     from torch._C._profiler import _ExperimentalConfig  # verbose: Python stacks on the ops
-    with profile(activities=activities, with_stack=True,
-                 experimental_config=_ExperimentalConfig(verbose=True)) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    stacked = dict(with_stack=True, experimental_config=_ExperimentalConfig(verbose=True))
+    if a.cold:  # the same first epoch as below, profiled: a fresh process's one-off costs
+        with profile(activities=activities, **stacked) as cold:
+            warm, t_warm = train(1)
+            t0 = time.time()
+            hw2.predict_logits(train.model, x[:5000], hw["device"], precision, tta=hp["tta"], batch_size=bs)
+            t_pred = time.time() - t0
+        print(f"COLD {a.preset}: first train() {t_warm:.2f} s (its epoch {warm[0]['seconds']:.2f} s), "
+              f"first predict_logits {t_pred:.2f} s (5000 images, TTA {hp['tta']}); the host's costliest "
+              f"calls (self time, whole cold part; ops, CUDA runtime and driver calls):")
+        host_events = [e for e in cold.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        for e in sorted(host_events, key=lambda e: -e.self_cpu_time_total)[:20]:
+            print(f"  {e.self_cpu_time_total / 1e3:9.1f} ms  x{e.count:6d}  {e.key[:100]}")
+    else:
+        warm, t_warm = train(1)
+    plain, t_plain = train(a.epochs)
+    with profile(activities=activities, **stacked) as prof:
         _, t_prof = train(a.epochs)
     events = prof.key_averages()
     kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA and device_us(e) > 0]
