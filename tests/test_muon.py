@@ -289,6 +289,16 @@ def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
 
 
 # ------------------------------------------------ Muon's step replayed from a CUDA graph (GPU runs)
+def _stand_in_graph(recorded):
+    """capture_cuda_graph's contract without a GPU: warm_up runs once, and replay() re-runs the
+    recorded call on the tensors it was recorded with (what a CUDA graph's replay does)."""
+    def capture(warm_up, fn):
+        warm_up()
+        recorded.append(fn)
+        return type("Graph", (), {"replay": staticmethod(fn)})()
+    return capture
+
+
 @pytest.mark.parametrize("fp16", [True, False])
 def test_captured_muon_step_refills_its_inputs_every_step(monkeypatch, fp16):
     """On a GPU, Muon's update is recorded once as a CUDA graph and replayed: the replay reads
@@ -299,13 +309,7 @@ def test_captured_muon_step_refills_its_inputs_every_step(monkeypatch, fp16):
     new recording), the weights and momentum must equal the eager optimizer's bit for bit. A
     replay of stale inputs, or a warm-up that moved the real weights, would break that."""
     recorded = []
-
-    def stand_in(warm_up, fn):  # capture_cuda_graph's contract: warm_up runs, fn is replayed
-        warm_up()
-        recorded.append(fn)
-        return type("Graph", (), {"replay": staticmethod(fn)})()
-
-    monkeypatch.setattr(hw2, "capture_cuda_graph", stand_in)
+    monkeypatch.setattr(hw2, "capture_cuda_graph", _stand_in_graph(recorded))
     hp = dict(hw2.PRESETS["smoke"], **MUON)
     model, grads = _model_and_grads()
     ref, _ = _model_and_grads()
@@ -363,8 +367,7 @@ def test_train_with_muons_step_replayed_gives_the_eager_model(tmp_path, monkeypa
     for graph in (False, True):
         stats, recorded = {}, []
         if graph:
-            monkeypatch.setattr(hw2, "capture_cuda_graph", lambda warm_up, fn: warm_up() or recorded.append(fn)
-                                or type("Graph", (), {"replay": staticmethod(fn)})())
+            monkeypatch.setattr(hw2, "capture_cuda_graph", _stand_in_graph(recorded))
             monkeypatch.setattr(hw2, "make_optimizer", lambda *a, **kw: real(*a, **dict(kw, cuda_graph=True)))
         (tmp_path / str(graph)).mkdir()
         model, history = hw2.train(train_data(), hp, dict(device="cpu", precision="fp32", compile=False),
@@ -375,3 +378,42 @@ def test_train_with_muons_step_replayed_gives_the_eager_model(tmp_path, monkeypa
     assert [r["train_loss"] for r in h0] == [r["train_loss"] for r in h1]
     for (n, p), q in zip(eager.state_dict().items(), replayed.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_captured_muon_step_skips_an_overflow_flagged_without_a_scale(monkeypatch):
+    """After GradScaler.unscale_ (to clip gradients, say) the optimizer is handed the overflow flag
+    but no scale. A replayed step must still skip an overflowed step, as the eager one does."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    models = {}
+    for graph in (False, True):
+        recorded = []
+        monkeypatch.setattr(hw2, "capture_cuda_graph", _stand_in_graph(recorded))
+        model, grads = _model_and_grads()
+        opt = hw2.make_optimizer(model, hp, 32, fused=True, cuda_graph=graph)
+        for g, flag in ((grads[0], 0.0), (grads[1], 1.0), (grads[1], 0.0)):
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.grad = g[n].clone()
+            opt.found_inf = torch.tensor(flag)  # what GradScaler.step sets after unscale_
+            opt.step()
+            del opt.found_inf
+        assert len(recorded) == graph
+        models[graph] = model
+    skipped, _ = _model_and_grads()  # the same two steps without the flagged one
+    _two_steps(skipped, hw2.make_optimizer(skipped, hp, 32, fused=True), grads)
+    for (n, p), q, r in zip(models[True].named_parameters(), models[False].parameters(), skipped.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+
+
+def test_out_of_memory_while_recording_reaches_the_retry(monkeypatch):
+    """Out of memory during the recording is not a CUDA that cannot record: it goes up to
+    train_with_oom_retry (which retries at half the batch), instead of turning into eager steps."""
+    def out_of_memory(warm_up, fn):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(hw2, "capture_cuda_graph", out_of_memory)
+    model, grads = _model_and_grads()
+    opt = hw2.make_optimizer(model, dict(hw2.PRESETS["smoke"], **MUON), 32, cuda_graph=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _two_steps(model, opt, grads)
+    assert opt.cuda_graph  # not switched off: the retry builds a new optimizer anyway

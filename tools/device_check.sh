@@ -31,14 +31,13 @@
 #   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
 #   default PHASES (the first nine)                                                   ~530
-# (2026-11-29, an H200: every phase of that day's list ran in 508 s in all, under their estimates)
+# (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's default list in 544 s, profile included)
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
-# order above (what issue #7 still lacks first; determinism, measured on 2026-11-28, and the
-# SGD recipe are for the record, last), so a slow card still returns the most important figures
-# first. With a 15-minute lease (a minute or two of it the machine's start), run with
-# DEADLINE=555 and timeout_s=590 (at these estimates all but the last ~140 s fit); if phases were skipped,
-# then at once, while the card is warm (it goes back after 30 s idle), e.g.
-# PHASES="determinism fullsgd" DEADLINE=100 with what is left.
+# order above (what issue #7 still lacks first; the phases measured and decided earlier only when
+# named in PHASES), so a slow card still returns the most important figures first. With a
+# 15-minute lease (a minute or two of it the machine's start), run with DEADLINE=555 and
+# timeout_s=590 (the default list fits); if phases were skipped, then at once, while the card is
+# warm (it goes back after 30 s idle), e.g. PHASES="graph profile" DEADLINE=100 with what is left.
 # Knobs: PHASES (default "preflight baseline fast determinism compile fastepochs graph profile"), DEADLINE,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
 # try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.

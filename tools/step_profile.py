@@ -99,21 +99,29 @@ def main():
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     stacked = dict(with_stack=True, experimental_config=_ExperimentalConfig(verbose=True))
     if a.cold:  # the same first epoch as below, profiled: a fresh process's one-off costs
+        images = x[:5000]
         with profile(activities=activities, **stacked) as cold:
             warm, t_warm = train(1)
             t0 = time.time()
-            hw2.predict_logits(train.model, x[:5000], hw["device"], precision, tta=hp["tta"], batch_size=bs)
+            hw2.predict_logits(train.model, images, hw["device"], precision, tta=hp["tta"], batch_size=bs)
             t_pred = time.time() - t0
         print(f"COLD {a.preset}: first train() {t_warm:.2f} s (its epoch {warm[0]['seconds']:.2f} s), "
-              f"first predict_logits {t_pred:.2f} s (5000 images, TTA {hp['tta']}); the host's costliest "
-              f"calls (self time, whole cold part; ops, CUDA runtime and driver calls):")
+              f"first predict_logits {t_pred:.2f} s ({len(images)} images, TTA {hp['tta']}); profiled with "
+              f"Python stacks, so slower than unprofiled. The host's costliest calls (self time, ops and "
+              f"CUDA runtime/driver calls):")
         host_events = [e for e in cold.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
         for e in sorted(host_events, key=lambda e: -e.self_cpu_time_total)[:20]:
             print(f"  {e.self_cpu_time_total / 1e3:9.1f} ms  x{e.count:6d}  {e.key[:100]}")
+        # host<->device copies and read-backs by hw2 function (a stack names each function's
+        # `def` line, not the line inside it that made the call)
+        for e in sorted((e for e in cold.key_averages(group_by_stack_n=6) if e.key in STACKED),
+                        key=lambda e: -e.count)[:12]:
+            where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
+            print(f"  {e.key} x{e.count:5d} in the cold part, in {where[:300] or '(no hw2 frame)'}")
     else:
         warm, t_warm = train(1)
     plain, t_plain = train(a.epochs)
-    with profile(activities=activities, **stacked) as prof:
+    with profile(activities=activities) as prof:  # no stacks: its busy share compares across days
         _, t_prof = train(a.epochs)
     events = prof.key_averages()
     kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA and device_us(e) > 0]
@@ -121,7 +129,8 @@ def main():
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(f"PROFILE {a.preset} | {name} | torch {torch.__version__} | {precision} | autotune {a.autotune} | cuda graph {a.cuda_graph} | "
           f"{n} images, batch {bs}, {a.epochs} epochs = {steps} steps")
-    print(f"unprofiled: first process epoch {warm[0]['seconds']:.2f} s (one-off costs; train() {t_warm:.1f} s) | "
+    print(f"{'profiled (--cold)' if a.cold else 'unprofiled'}: first process epoch {warm[0]['seconds']:.2f} s "
+          f"(one-off costs; train() {t_warm:.1f} s) | "
           f"warm epochs {' '.join('%.3f' % r['seconds'] for r in plain)} s (train() {t_plain:.2f} s)")
     print(f"profiled train(): {t_prof:.2f} s wall (profiler overhead included) | GPU kernels {gpu_ms / 1e3:.2f} s "
           f"= {100 * gpu_ms / 1e3 / t_prof:.0f} % busy" if cuda else f"profiled train(): {t_prof:.2f} s (CPU)")
@@ -140,14 +149,9 @@ def main():
     top = sorted(kernels, key=lambda e: -device_us(e))[:12]
     for e in top:
         print(f"  {device_us(e) / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  [{kind(e.key)}] {e.key[:110]}")
-    # the most-launched kernels (2026-11-30: 174 copy/cast launches a step, origin unknown), and
-    # hw2's lines that copy between host and device or read a value back (STACKED)
+    # the most-launched kernels (2026-11-30: 174 copy/cast launches a step, origin unknown)
     for e in sorted(kernels, key=lambda e: -e.count)[:8]:
         print(f"  most launched: x{e.count / steps:5.1f}/step {device_us(e) / 1e3 / steps:7.3f} ms/step  [{kind(e.key)}] {e.key[:100]}")
-    stacks = prof.key_averages(group_by_stack_n=6)
-    for e in sorted((e for e in stacks if e.key in STACKED), key=lambda e: -e.count)[:12]:
-        where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
-        print(f"  {e.key} x{e.count / steps:5.2f}/step ({e.count} in all) from {where[:300] or '(no hw2 frame)'}")
     if not cuda:  # the CPU: the ops that cost the most host time, for the plumbing check
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
             print(f"  {e.self_cpu_time_total / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  {e.key[:110]}")

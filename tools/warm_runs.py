@@ -16,6 +16,7 @@ twice in one process checks determinism too.
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,8 +47,10 @@ def one_run(data, test, hp, hw, preset, seed, epochs):
     path = os.path.join(out, "submission.csv")
     hw2.atomic_write(path, lambda f: sub.to_csv(f, index=False))
     t_predict = time.time() - t0
-    return dict(seed=seed, acc=float((pred == test[1]).mean()), train=t_train, predict=t_predict,
-                first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path))
+    row = dict(seed=seed, acc=float((pred == test[1]).mean()), train=t_train, predict=t_predict,
+               first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path))
+    shutil.rmtree(out)  # checkpoint.pt, model.pt: up to ~100 MB a run for `full`
+    return row
 
 
 def main():
@@ -80,10 +83,11 @@ def main():
               f"{r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch {r['first_epoch']:.2f} s | "
               f"sha {r['sha'][:12]}", flush=True)
     warm = [r["train"] + r["predict"] for r in rows[1:]]
+    seeds = {r["seed"]: r["acc"] for r in reversed(rows)}  # a repeated seed counts once
     if warm:
         print(f"WARM {a.preset} summary | cold {rows[0]['train'] + rows[0]['predict']:.2f} s | warm median "
               f"{statistics.median(warm):.2f} s over {len(warm)} runs | acc mean "
-              f"{statistics.mean(r['acc'] for r in rows):.4f} over all {len(rows)}")
+              f"{statistics.mean(seeds.values()):.4f} over seeds {sorted(seeds)}")
 
 
 if __name__ == "__main__":
