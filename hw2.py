@@ -2872,10 +2872,12 @@ class CapturedMuonUpdate:
     On an H200 (2026-11-29, BENCHMARKS.md) `fast`'s eager Muon step held the GPU 5.1 ms per step
     for ~0.2 ms of kernels: the host issuing its ~140 small ops was the bottleneck. A replay is one
     launch: on the same card (2026-11-30) `fast`'s later epochs took 0.282 s instead of 0.362 s,
-    and the run wrote the same submission.csv bytes as with the ops issued one by one. The graph reads fixed tensors: the weights and momentum buffers themselves (updated
-    in place, so their addresses stay), and buffers that each step refills with that step's
-    gradients, learning rate and GradScaler state. Recorded anew if the buffers were replaced
-    (a resumed optimizer state): `key` says which tensors a graph was recorded on."""
+    and the run wrote the same submission.csv bytes as with the ops issued one by one.
+
+    The graph reads fixed tensors: the weights and momentum buffers themselves (updated in place,
+    so their addresses stay), and buffers that each step refills with that step's gradients,
+    learning rate and GradScaler state. Recorded anew if the buffers were replaced (a resumed
+    optimizer state): `key` says which tensors a graph was recorded on."""
 
     def __init__(self, params, bufs, scaled, flagged, **kw):
         dev = params[0].device

@@ -89,6 +89,20 @@ def verdicts(anchors, ok):
     return (["", "## issue #7 verdicts (mean over seeds; the anchors' median wall per run)"] + out) if out else []
 
 
+def versus_default(ok, suffix, title, setting):
+    """Seed 0 at the defaults beside seed 0 with one setting changed (runs NAME_s0 and
+    NAME_s0_SUFFIX), per preset: the setting's value, accuracy, times, and whether the bytes matched."""
+    out = []
+    for preset in ("fast", "full"):
+        a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_{suffix}")
+        if a and b:
+            out += [f"{preset} {setting} {r.get(setting)}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
+                    f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.2f} s | "
+                    f"sha {str(r['sha256'])[:12]}" for r in (a, b)]
+            out.append(f"{preset}: submission.csv {'IDENTICAL' if a['sha256'] == b['sha256'] else 'DIFFERENT'}")
+    return (["", title] + out) if out else []
+
+
 def summary(runs_path, log_path):
     runs = [json.loads(x) for x in open(runs_path) if x.strip()]
     ok = {r["name"]: r for r in runs if not r.get("failed")}
@@ -117,12 +131,9 @@ def summary(runs_path, log_path):
                 f"fp16: acc {a['acc']:.4f}, train+predict {a['train_s'] + a['predict_s']:.1f} s, "
                 f"{a['tflops_epoch']} TFLOP/s | bf16: acc {b['acc']:.4f}, train+predict "
                 f"{b['train_s'] + b['predict_s']:.1f} s, {b['tflops_epoch']} TFLOP/s"]
-    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_at"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_at" in ok]
-    if pairs:  # cuDNN autotuning: a one-off cost at each convolution's first call, faster steps after
-        out += ["", "## cuDNN autotuning off (the default since 2026-11-29) vs --autotune on, seed 0"]
-        out += [f"{r['preset']} autotune {r['autotune']}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
-                f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.1f} s"
-                for pair in pairs for r in pair]
+    # cuDNN autotuning: a one-off cost at each convolution's first call, faster steps after
+    out += versus_default(ok, "at", "## cuDNN autotuning off (the default since 2026-11-29) vs --autotune on, seed 0",
+                          "autotune")
     alt = sorted(n for n in ok if re.fullmatch(r"fullalt_s\d+", n))
     if alt:  # the other width/epochs recipe (same FLOPs), against full's runs of the same seeds
         out += ["", "## full: the preset vs the other widths (same FLOPs; CPU proxy in BENCHMARKS.md)"]
@@ -131,15 +142,8 @@ def summary(runs_path, log_path):
             for r in filter(None, (a, b)):
                 out.append(f"{r['name']}: widths {r['widths']} {r['epochs']} epochs {r['optimizer']}: acc {r['acc']:.4f}, "
                            f"train+predict {r['train_s'] + r['predict_s']:.1f} s")
-    pairs = [(ok[f"{p}_s0"], ok[f"{p}_s0_nograph"]) for p in ("fast", "full") if f"{p}_s0" in ok and f"{p}_s0_nograph" in ok]
-    if pairs:  # Muon's update replayed from a CUDA graph (the default) vs issued op by op
-        out += ["", "## Muon's step: CUDA graph (default) vs --cuda-graph off, seed 0"]
-        for a, b in pairs:
-            out += [f"{r['preset']} graph {r.get('cuda_graph')}: acc {r['acc']:.4f} | first epoch {r['first_epoch_s']:.2f} s, "
-                    f"median later epoch {r['later_epoch_s']:.3f} s | train+predict {r['train_s'] + r['predict_s']:.2f} s | "
-                    f"sha {str(r['sha256'])[:12]}" for r in (a, b)]
-            out.append(f"{a['preset']}: submission.csv {'IDENTICAL' if a['sha256'] == b['sha256'] else 'DIFFERENT'} "
-                       f"with and without the graph")
+    out += versus_default(ok, "nograph", "## Muon's step: CUDA graph (default) vs --cuda-graph off, seed 0",
+                          "cuda_graph")
     out += ["", "## determinism (same seed twice on this card)"]
     for a, b in (("fast_s0", "fast_s0_again"), ("fast_s0", "fast_s0_det"), ("fast_s0_det", "fast_s0_det_again")):
         if a in ok and b in ok:

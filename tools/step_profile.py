@@ -84,16 +84,14 @@ def main():
     steps = a.epochs * (n // bs)
     out = tempfile.mkdtemp(prefix="hw2-profile-")
 
-    def train(epochs):  # one hw2.train run from scratch; its per-epoch rows and its wall seconds
-        cfg = argparse.Namespace(preset=a.preset, seed=0, output_dir=out, resume=False, epochs=epochs,
-                                     checkpoint_every=1e9, deterministic=False, autotune=a.autotune,
-                                     cuda_graph=a.cuda_graph)
+    def train(epochs):  # one hw2.train run from scratch: its model, per-epoch rows and wall seconds
+        cfg = hw2.parse_config(["--preset", a.preset, "--epochs", str(epochs), "--output-dir", out,
+                                "--autotune", a.autotune, "--cuda-graph", a.cuda_graph, "--checkpoint-every", "1e9"])
         t0 = time.time()
         model, history = hw2.train(data, hp, hw, cfg, epochs, bs, log=lambda s: None)
         if cuda:
             torch.cuda.synchronize()
-        train.model = model
-        return history, time.time() - t0
+        return model, history, time.time() - t0
 
     from torch._C._profiler import _ExperimentalConfig  # verbose: Python stacks on the ops
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -101,9 +99,9 @@ def main():
     if a.cold:  # the same first epoch as below, profiled: a fresh process's one-off costs
         images = x[:5000]
         with profile(activities=activities, **stacked) as cold:
-            warm, t_warm = train(1)
+            model, warm, t_warm = train(1)
             t0 = time.time()
-            hw2.predict_logits(train.model, images, hw["device"], precision, tta=hp["tta"], batch_size=bs)
+            hw2.predict_logits(model, images, hw["device"], precision, tta=hp["tta"], batch_size=bs)
             t_pred = time.time() - t0
         print(f"COLD {a.preset}: first train() {t_warm:.2f} s (its epoch {warm[0]['seconds']:.2f} s), "
               f"first predict_logits {t_pred:.2f} s ({len(images)} images, TTA {hp['tta']}); profiled with "
@@ -119,10 +117,10 @@ def main():
             where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
             print(f"  {e.key} x{e.count:5d} in the cold part, in {where[:300] or '(no hw2 frame)'}")
     else:
-        warm, t_warm = train(1)
-    plain, t_plain = train(a.epochs)
+        _, warm, t_warm = train(1)
+    _, plain, t_plain = train(a.epochs)
     with profile(activities=activities) as prof:  # no stacks: its busy share compares across days
-        _, t_prof = train(a.epochs)
+        _, _, t_prof = train(a.epochs)
     events = prof.key_averages()
     kernels = [e for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA and device_us(e) > 0]
     gpu_ms = sum(device_us(e) for e in kernels) / 1e3

@@ -32,9 +32,8 @@ import hw2  # noqa: E402
 
 def one_run(data, test, hp, hw, preset, seed, epochs):
     out = tempfile.mkdtemp(prefix="hw2-warm-")
-    cfg = argparse.Namespace(preset=preset, seed=seed, output_dir=out, resume=False, epochs=epochs,
-                             checkpoint_every=hw2.CHECKPOINT_EVERY_S, deterministic=False, autotune="off",
-                             cuda_graph="on")
+    # hw2.py's own settings for these flags (every other flag at its default)
+    cfg = hw2.parse_config(["--preset", preset, "--seed", str(seed), "--epochs", str(epochs), "--output-dir", out])
     t0 = time.time()  # as hw2.py: train (with its checkpoint) + the model.pt save
     model, history = hw2.train(data, hp, hw, cfg, epochs, hp["batch_size"], log=lambda s: None)
     hw2.save_torch(os.path.join(out, "model.pt"),
