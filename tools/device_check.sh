@@ -15,30 +15,35 @@
 # Problems 1-3 (these runs pass --skip-answers: ~7 s less, a guess); hw2 full ~38 s (29 s of
 # training in an earlier H200 run); torch.compile ~40-60 s of compiling per process (a guess; it
 # compiles twice per run: the stem's bias freezing after epoch 3 recompiles, tests/test_recipe.py).
-#   phase        what                                                             estimate
+#   phase        what (in the order they run)                                     estimate
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)                  30
 #   preflight    hw2 fast, 1 epoch: stops the call if hw2.py fails or misses the GPU    25
+#   pool         tools/pool_bench.py: 2x2 max-pool candidates, their kernels alone      20
+#   profile      fast under torch.profiler: a fresh process's first epoch and prediction
+#                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
+#   tune         full's variants (TUNE_VARIANTS) x TUNE_SEEDS on hw2's own split of the
+#                50k in one process (tools/warm_runs.py: a warm run costs half a process) 190
 #   baseline     side_by_side.sh: airbench94 x3, airbench96 x3, hw2 full x3            170
 #   fast         hw2 fast x4 seeds (Muon from a CUDA graph), seed 0 with --cuda-graph off 60
 #   determinism  fast seed 0 again (default settings), fast seed 0 --deterministic       25
 #   compile      fast --compile, full --compile (compile time included)               100
 #   fastepochs   fast at 7 and 8 epochs x2 seeds on hw2's own split of the 50k            60
 #   graph        full seed 0 with --cuda-graph off (the graph's worth to full)           25
-#   profile      fast under torch.profiler: a fresh process's first epoch and prediction
-#                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
-#   autotune     fast and full seed 0 with --autotune on (measured 2026-11-29: off)      45
 #   fullalt      full x2 seeds with the other widths at the same FLOPs (FULL_ALT_ARGS)  76
+#   autotune     fast and full seed 0 with --autotune on (measured 2026-11-29: off)      45
 #   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
-#   default PHASES (the first nine)                                                   ~530
-# (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's default list in 544 s, profile included)
+#   default PHASES: preflight pool profile tune baseline fast (what #7 still lacks)    ~500
+# (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's list (preflight baseline fast
+# determinism compile fastepochs graph profile) in 544 s; those phases run when named in PHASES)
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
-# order above (what issue #7 still lacks first; the phases measured and decided earlier only when
-# named in PHASES), so a slow card still returns the most important figures first. With a
+# order they appear below (the phases measured and decided earlier only when named in PHASES),
+# so a slow card still returns the most important figures first. With a
 # 15-minute lease (a minute or two of it the machine's start), run with DEADLINE=555 and
 # timeout_s=590 (the default list fits); if phases were skipped, then at once, while the card is
 # warm (it goes back after 30 s idle), e.g. PHASES="graph profile" DEADLINE=100 with what is left.
-# Knobs: PHASES (default "preflight baseline fast determinism compile fastepochs graph profile"), DEADLINE,
+# Knobs: PHASES (default "preflight pool profile tune baseline fast"), DEADLINE, TUNE_VARIANTS
+# (variants separated by "|", each space-separated key=value overrides; "" the preset), TUNE_SEEDS,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
 # try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.
 set -uo pipefail
@@ -55,6 +60,8 @@ if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   FULL_RUNS=${FULL_RUNS:-1}; FAST_RUNS=${FAST_RUNS:-2}; FULL_SGD_ARGS=${FULL_SGD_ARGS:---optimizer sgd --epochs 3}
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 8,16,32 --epochs 1}
   PROFILE_PRESET=${PROFILE_PRESET:-smoke}; PROFILE_ARGS=${PROFILE_ARGS:---n-train 2048}; OWN_VAL=${OWN_VAL:-100}
+  TUNE_PRESET=${TUNE_PRESET:-smoke}; TUNE_ARGS=${TUNE_ARGS:---n-train 512 --epochs 1}; TUNE_SEEDS=${TUNE_SEEDS:-0,1}
+  TUNE_VARIANTS=${TUNE_VARIANTS:-|lr=20.0}; POOL_ARGS=${POOL_ARGS:---iters 2 --batch 16}
 else
   PY=${PY:-python3}
   # --skip-answers: Problems 1-3 (~7-10 s a process) are the same in every run; skipped, the
@@ -64,7 +71,10 @@ else
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 128,384,512 --epochs 35}  # airbench96's widths, same FLOPs (proxy: level)
   PROFILE_PRESET=${PROFILE_PRESET:-fast}; PROFILE_ARGS=${PROFILE_ARGS:---cold}  # --cold: a fresh process's one-off costs too
 fi
-PHASES=${PHASES:-preflight baseline fast determinism compile fastepochs graph profile}
+PHASES=${PHASES:-preflight pool profile tune baseline fast}
+# full's candidates, on our own split (rule, BENCHMARKS.md "What the next card measures"): the
+# preset, Muon's step at the top of the CPU proxy's flat range, two more epochs (1.08x the time)
+TUNE_VARIANTS=${TUNE_VARIANTS:-|muon_lr=0.11|epochs=28}; TUNE_SEEDS=${TUNE_SEEDS:-0,1,2,3}
 DEADLINE=${DEADLINE:-500}
 ANCHORS=.device/anchors
 [ -f "$ANCHORS/side_by_side.sh" ] || { echo "device_check: $ANCHORS missing: mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/"; exit 2; }
@@ -117,6 +127,23 @@ if phase preflight 25; then
   grep -o '"cuda_graph": [a-z]*' "$W/runs/preflight/metrics.json"; grep "hw2: note: Muon" "$W/runs/preflight.log"
 fi
 
+if phase pool 20; then  # is a cheaper 2x2 max-pool there? kernels alone, before hw2.py changes
+  "$PY" tools/pool_bench.py ${POOL_ARGS:-} 2>&1 | tee "$OUT/pool.txt"
+fi
+
+if phase profile 35; then  # a cold process's one-off costs, and where a warm epoch's GPU time goes
+  "$PY" tools/step_profile.py --preset "$PROFILE_PRESET" --data-dir "$W/split" $PROFILE_ARGS 2>&1 \
+    | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
+fi
+
+if phase tune 190; then  # full's variants on hw2's own split of the 50k (never the harness's split)
+  IFS='|' read -r -a _variants <<<"$TUNE_VARIANTS"
+  _vargs=(); for v in "${_variants[@]}"; do _vargs+=(--variant "$v"); done
+  [ "${TUNE_VARIANTS: -1}" = "|" ] && _vargs+=(--variant "")  # read drops a trailing empty field
+  "$PY" tools/warm_runs.py --preset "${TUNE_PRESET:-full}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
+    --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" 2>&1 | grep -E "^WARM|rror" | tee "$OUT/tune.txt"
+fi
+
 # data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)
 if phase baseline 170; then
   W="$W" PY="$PY" AB94_RUNS=${AB94_RUNS:-3} AB96_RUNS=${AB96_RUNS:-3} HW2_RUNS=${FULL_RUNS:-3} \
@@ -160,11 +187,6 @@ fi
 
 if phase fullalt 76; then  # the widths were chosen on a CPU proxy: the other choice beside them
   for s in $(seq 0 $(( ${FULL_RUNS:-2} - 1 ))); do hw2_run "fullalt_s$s" $FULL_ARGS --seed "$s" $FULL_ALT_ARGS; done
-fi
-
-if phase profile 35; then  # a cold process's one-off costs, and where a warm epoch's GPU time goes
-  "$PY" tools/step_profile.py --preset "$PROFILE_PRESET" --data-dir "$W/split" $PROFILE_ARGS 2>&1 \
-    | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
 fi
 
 # measured on 2026-11-29 and decided; kept for a new card or a new torch

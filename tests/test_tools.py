@@ -1,0 +1,50 @@
+"""The measuring tools' own logic: a candidate max-pool computes what nn.MaxPool2d does, and a
+tuning variant is parsed into the preset's keys or refused with one line."""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hw2
+from conftest import ROOT
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("cand", ["mask", "pair", "nchw"])
+def test_pool_candidates_match_max_pool(cand):
+    pool = _tool("pool_bench").CANDIDATES[cand]
+    # distinct values (a permutation): no window has a tie, so the backward must match exactly
+    x = torch.randperm(2 * 5 * 8 * 6).float().view(2, 5, 8, 6).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, ref = pool(a), F.max_pool2d(b, 2)
+    assert torch.equal(y, ref) and y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_mask_pool_gives_every_tied_maximum_the_gradient():
+    pool = _tool("pool_bench").CANDIDATES["mask"]
+    x = torch.tensor([[[[1.0, 3.0], [3.0, 2.0]]]]).requires_grad_()  # two maxima in one window
+    pool(x).backward(torch.tensor([[[[5.0]]]]))
+    assert x.grad.tolist() == [[[[0.0, 5.0], [5.0, 0.0]]]]  # PyTorch's would give one of them 5
+
+
+def test_tune_variant_parsing():
+    warm = _tool("warm_runs")
+    hp = hw2.PRESETS["full"]
+    assert warm.parse_variant("", hp) == {}
+    assert warm.parse_variant("muon_lr=0.11  widths=(128,384,512)", hp) == dict(muon_lr=0.11, widths=(128, 384, 512))
+    with pytest.raises(SystemExit, match="'foo=1' is not KEY=VALUE"):
+        warm.parse_variant("foo=1", hp)
+    with pytest.raises(SystemExit, match="'x' is not a Python literal"):
+        warm.parse_variant("lr=x", hp)

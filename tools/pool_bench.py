@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Is there a cheaper 2x2 max-pool for hw2's nets? Forward + backward of each candidate at the
+presets' shapes, timed alone, before anything in hw2.py changes.
+
+    python tools/pool_bench.py [--presets fast,full] [--iters 50]
+
+Why: on an H200 (2026-11-30, `tools/step_profile.py`) PyTorch's channels-last max-pool kernels
+took 1.16 ms of `fast`'s ~5.8 ms training step (backward 0.74, forward 0.42), ~4x slower than
+their bytes at the card's bandwidth, and the GPU was busy the whole step: kernel time is what a
+step costs. Each candidate computes the same forward values as `nn.MaxPool2d(2)`; they differ
+in how the backward finds the maximum (PyTorch: int64 indices saved by the forward; `mask`:
+compares the input with the saved output, so tied maxima each get the gradient, a numerics
+change that a real run must price in accuracy). Prints, per preset and candidate, milliseconds
+per training step for the net's three pools (batch 1024, fp16 on a GPU, channels-last), whether
+the forward equals PyTorch's and the backward too (on ties it cannot), and the share of tied
+windows in the data used (random normal values in the run's dtype; a real net's are others).
+On a machine without a GPU it runs on the CPU at batch 64 in fp32 (plumbing, and the CPU's own
+answer: there `mask` measured 4x slower than PyTorch on 2 Xeon cores, 2026-11-30).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hw2  # noqa: E402
+
+
+def windows(x):
+    """(N, C, H, W) -> (N, C, H/2, 2, W/2, 2): each 2x2 window on dims 3 and 5, as a view."""
+    n, c, h, w = x.shape
+    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))
+
+
+class MaskPool(torch.autograd.Function):
+    """Forward: amax over each window, written into a channels-last output (amax alone would
+    return a contiguous one, and the next BatchNorm and conv would convert it back).
+    Backward: the output's gradient where the input equals the window's maximum, else 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        n, c, h, w = x.shape
+        y = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)
+        torch.amax(windows(x), dim=(3, 5), out=y)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        hit = windows(x) == y[:, :, :, None, :, None]
+        return torch.where(hit, g[:, :, :, None, :, None], 0).view(x.shape)
+
+
+class PairPool(MaskPool):
+    """Forward as two elementwise maxima over strided views (rows, then columns): elementwise
+    kernels keep the input's channels-last layout; backward as MaskPool."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+        y = torch.maximum(rows[..., 0::2], rows[..., 1::2])
+        ctx.save_for_backward(x, y)
+        return y
+
+
+CANDIDATES = {
+    "torch": lambda x: F.max_pool2d(x, 2),
+    "mask": MaskPool.apply,
+    "pair": PairPool.apply,
+    "nchw": lambda x: F.max_pool2d(x.contiguous(), 2).contiguous(memory_format=torch.channels_last),
+}
+
+
+def pool_shapes(widths):
+    """The three pools of hw2.Net: each group's first conv output, at 32, 16 and 8 pixels."""
+    return [(widths[0], 32), (widths[1], 16), (widths[2], 8)]
+
+
+def timed(fn, xs, gs, iters, cuda):
+    def step():
+        for x, g in zip(xs, gs):
+            fn(x).backward(g)
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="fast,full")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=None, help="default 1024 on a GPU, 64 on the CPU")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    batch = a.batch or (1024 if cuda else 64)
+    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"POOL bench | {name} | torch {torch.__version__} | {dtype} | batch {batch} | median of {a.iters}")
+    for preset in a.presets.split(","):
+        widths = hw2.PRESETS[preset]["widths"]
+        xs, gs = [], []
+        for c, s in pool_shapes(widths):
+            x = torch.randn(batch, c, s, s, device=dev, generator=gen).to(dtype)
+            xs.append(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+            g = torch.randn(batch, c, s // 2, s // 2, device=dev, generator=gen).to(dtype)
+            gs.append(g.contiguous(memory_format=torch.channels_last))
+        ties = sum(int((windows(x.detach()) == F.max_pool2d(x.detach(), 2)[:, :, :, None, :, None])
+                       .sum(dim=(3, 5)).gt(1).sum()) for x in xs)
+        outs = sum(g.numel() for g in gs)
+        ref = [(F.max_pool2d(x, 2), torch.autograd.grad(F.max_pool2d(x, 2), x, g)[0]) for x, g in zip(xs, gs)]
+        base = None
+        for cand, fn in CANDIDATES.items():
+            got = [(fn(x), torch.autograd.grad(fn(x), x, g)[0]) for x, g in zip(xs, gs)]
+            same_fwd = all(torch.equal(y, r[0]) for (y, _), r in zip(got, ref))
+            same_bwd = all(torch.equal(d, r[1]) for (_, d), r in zip(got, ref))
+            layout = all(y.is_contiguous(memory_format=torch.channels_last) for y, _ in got)
+            ms = timed(fn, xs, gs, a.iters, cuda)
+            base = base or ms
+            print(f"POOL {preset:5s} {cand:6s} | {ms:7.3f} ms/step ({ms / base:5.2f}x torch) | "
+                  f"forward same {same_fwd} | backward same {same_bwd} | channels-last out {layout} | "
+                  f"tied windows {ties / outs:.2e}")
+
+
+if __name__ == "__main__":
+    main()
