@@ -14,7 +14,8 @@ The profiler adds host time per op, so its wall time is an upper bound; the unpr
 seconds are printed beside it. On a machine without a GPU it runs on the CPU (plumbing only).
 `--cold` profiles the unprofiled first epoch too, with a first prediction after it: the host's
 costliest calls in a fresh process (kernel loading, cuDNN set-up), where `fast` spends ~1.8 s
-more than in a warm run (BENCHMARKS.md, 2026-11-30).
+more than in a warm run (BENCHMARKS.md, 2026-11-30), and the hw2 functions behind host-device
+copies and behind the device's copies and casts.
 """
 import argparse
 import collections
@@ -47,6 +48,8 @@ KINDS = [  # first match wins: (kind, substrings of the kernel's name, lower cas
 # host<->device copies (.to(device), .cpu()) and reads (.item()): hw2's call sites, counted. A
 # blocking host-to-device copy makes the host wait for the GPU's queue to drain, like a sync
 STACKED = ("aten::_to_copy", "aten::_local_scalar_dense")
+# the ops behind copy/cast kernels on the device (casts, contiguous(), stacks): by hw2 function too
+COPIES = ("aten::copy_", "aten::cat", "aten::_foreach_copy_", "aten::fill_")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
@@ -112,10 +115,11 @@ def main():
             print(f"  {e.self_cpu_time_total / 1e3:9.1f} ms  x{e.count:6d}  {e.key[:100]}")
         # host<->device copies and read-backs by hw2 function (a stack names each function's
         # `def` line, not the line inside it that made the call)
-        for e in sorted((e for e in cold.key_averages(group_by_stack_n=6) if e.key in STACKED),
-                        key=lambda e: -e.count)[:12]:
-            where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
-            print(f"  {e.key} x{e.count:5d} in the cold part, in {where[:300] or '(no hw2 frame)'}")
+        stacked_events = cold.key_averages(group_by_stack_n=6)
+        for keys, top in ((STACKED, 12), (COPIES, 16)):
+            for e in sorted((e for e in stacked_events if e.key in keys), key=lambda e: -e.count)[:top]:
+                where = " <- ".join(os.path.basename(f) for f in (e.stack or []) if "hw2.py" in f)
+                print(f"  {e.key} x{e.count:5d} in the cold part, in {where[:300] or '(no hw2 frame)'}")
     else:
         _, warm, t_warm = train(1)
     _, plain, t_plain = train(a.epochs)
@@ -147,9 +151,12 @@ def main():
     top = sorted(kernels, key=lambda e: -device_us(e))[:12]
     for e in top:
         print(f"  {device_us(e) / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  [{kind(e.key)}] {e.key[:110]}")
-    # the most-launched kernels (2026-11-30: 174 copy/cast launches a step, origin unknown)
+    # the most-launched kernels, and of the copy/cast kind (2026-11-30: 174 copy/cast launches a
+    # step, ~45 of them accounted for without a card: BENCHMARKS.md)
     for e in sorted(kernels, key=lambda e: -e.count)[:8]:
         print(f"  most launched: x{e.count / steps:5.1f}/step {device_us(e) / 1e3 / steps:7.3f} ms/step  [{kind(e.key)}] {e.key[:100]}")
+    for e in sorted((e for e in kernels if kind(e.key) == "copy/cast"), key=lambda e: -e.count)[:10]:
+        print(f"  copy/cast: x{e.count / steps:5.1f}/step {device_us(e) / 1e3 / steps:7.3f} ms/step  {e.key[:120]}")
     if not cuda:  # the CPU: the ops that cost the most host time, for the plumbing check
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
             print(f"  {e.self_cpu_time_total / 1e3 / steps:8.3f} ms/step  x{e.count / steps:5.1f}  {e.key[:110]}")
