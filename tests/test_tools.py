@@ -18,18 +18,25 @@ def _tool(name):
     return module
 
 
-@pytest.mark.parametrize("cand", ["mask", "pair", "nchw"])
-def test_pool_candidates_match_max_pool(cand):
+@pytest.mark.parametrize("cand", ["mask", "pair"])
+@pytest.mark.parametrize("hw", [(8, 6), (31, 31), (15, 7)])  # the net's pools see 31, 15 and 7
+def test_pool_candidates_match_max_pool(cand, hw):
     pool = _tool("pool_bench").CANDIDATES[cand]
+    h, w = hw
     # distinct values (a permutation): no window has a tie, so the backward must match exactly
-    x = torch.randperm(2 * 5 * 8 * 6).float().view(2, 5, 8, 6).contiguous(memory_format=torch.channels_last)
-    g = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    x = torch.randperm(2 * 5 * h * w).float().view(2, 5, h, w).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, h // 2, w // 2).contiguous(memory_format=torch.channels_last)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, ref = pool(a), F.max_pool2d(b, 2)
     assert torch.equal(y, ref) and y.is_contiguous(memory_format=torch.channels_last)
     y.backward(g)
     ref.backward(g)
-    assert torch.equal(a.grad, b.grad)
+    assert torch.equal(a.grad, b.grad) and a.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pool_shapes_are_the_nets():
+    bench = _tool("pool_bench")
+    assert bench.pool_shapes((64, 256, 256)) == [(64, 31), (256, 15), (256, 7)]
 
 
 def test_mask_pool_gives_every_tied_maximum_the_gradient():

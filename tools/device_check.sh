@@ -4,7 +4,7 @@
 #   mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/
 #
 # then, with a card:  run(command="DEADLINE=555 bash tools/device_check.sh", carry=[".device"], timeout_s=590)
-# Plumbing dry run on the CPU (no card, tiny settings, ~3 min):  DRY=1 bash tools/device_check.sh
+# Plumbing dry run on the CPU (no card, tiny settings, ~2 min):  DRY=1 bash tools/device_check.sh
 #
 # Output: every line goes to stdout and to $OUT/device_check.log; one JSON line per hw2.py run to
 # $OUT/runs.jsonl; the per-question summary (the figures BENCHMARKS.md needs) to $OUT/summary.txt.
@@ -33,7 +33,8 @@
 #   autotune     fast and full seed 0 with --autotune on (measured 2026-11-29: off)      45
 #   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
-#   default PHASES: preflight pool profile tune baseline fast (what #7 still lacks)    ~500
+#   default PHASES: preflight pool profile tune baseline fast (what #7 still lacks),
+#   with the data step                                                                ~530
 # (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's list (preflight baseline fast
 # determinism compile fastepochs graph profile) in 544 s; those phases run when named in PHASES)
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
@@ -44,6 +45,7 @@
 # warm (it goes back after 30 s idle), e.g. PHASES="graph profile" DEADLINE=100 with what is left.
 # Knobs: PHASES (default "preflight pool profile tune baseline fast"), DEADLINE, TUNE_VARIANTS
 # (variants separated by "|", each space-separated key=value overrides; "" the preset), TUNE_SEEDS,
+# TUNE_PRESET, TUNE_ARGS (extra warm_runs.py flags), OWN_VAL (own split's held-out images), POOL_ARGS,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
 # try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.
 set -uo pipefail
@@ -61,7 +63,7 @@ if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 8,16,32 --epochs 1}
   PROFILE_PRESET=${PROFILE_PRESET:-smoke}; PROFILE_ARGS=${PROFILE_ARGS:---n-train 2048}; OWN_VAL=${OWN_VAL:-100}
   TUNE_PRESET=${TUNE_PRESET:-smoke}; TUNE_ARGS=${TUNE_ARGS:---n-train 512 --epochs 1}; TUNE_SEEDS=${TUNE_SEEDS:-0,1}
-  TUNE_VARIANTS=${TUNE_VARIANTS:-|lr=20.0}; POOL_ARGS=${POOL_ARGS:---iters 2 --batch 16}
+  TUNE_VARIANTS=${TUNE_VARIANTS-|lr=20.0}; POOL_ARGS=${POOL_ARGS:---iters 2 --batch 16}
 else
   PY=${PY:-python3}
   # --skip-answers: Problems 1-3 (~7-10 s a process) are the same in every run; skipped, the
@@ -74,7 +76,7 @@ fi
 PHASES=${PHASES:-preflight pool profile tune baseline fast}
 # full's candidates, on our own split (rule, BENCHMARKS.md "What the next card measures"): the
 # preset, Muon's step at the top of the CPU proxy's flat range, two more epochs (1.08x the time)
-TUNE_VARIANTS=${TUNE_VARIANTS:-|muon_lr=0.11|epochs=28}; TUNE_SEEDS=${TUNE_SEEDS:-0,1,2,3}
+TUNE_VARIANTS=${TUNE_VARIANTS-|muon_lr=0.11|epochs=28}; TUNE_SEEDS=${TUNE_SEEDS:-0,1,2,3}  # "": the preset alone
 DEADLINE=${DEADLINE:-500}
 ANCHORS=.device/anchors
 [ -f "$ANCHORS/side_by_side.sh" ] || { echo "device_check: $ANCHORS missing: mkdir -p .device && cp -r ../shared/anchors ../shared/data .device/"; exit 2; }
@@ -140,8 +142,9 @@ if phase tune 190; then  # full's variants on hw2's own split of the 50k (never 
   IFS='|' read -r -a _variants <<<"$TUNE_VARIANTS"
   _vargs=(); for v in "${_variants[@]}"; do _vargs+=(--variant "$v"); done
   [ "${TUNE_VARIANTS: -1}" = "|" ] && _vargs+=(--variant "")  # read drops a trailing empty field
+  [ ${#_vargs[@]} -eq 0 ] && _vargs=(--variant "")  # TUNE_VARIANTS="": the preset alone
   "$PY" tools/warm_runs.py --preset "${TUNE_PRESET:-full}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
-    --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" 2>&1 | grep -E "^WARM|rror" | tee "$OUT/tune.txt"
+    --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" 2>&1 | grep -E "^WARM|^warm_runs:|rror" | tee "$OUT/tune.txt"
 fi
 
 # data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)

@@ -9,6 +9,7 @@ Peak dense fp16 tensor-core rates (vendor data sheets, TFLOP/s) turn the achieve
 utilisation, which the T4 projection assumes carries over: an estimate, labelled as such.
 """
 import json
+import os
 import re
 import statistics
 import sys
@@ -104,7 +105,8 @@ def versus_default(ok, suffix, title, setting):
 
 
 def summary(runs_path, log_path):
-    runs = [json.loads(x) for x in open(runs_path) if x.strip()]
+    # no hw2.py run in this call (e.g. PHASES="pool tune"): no file, and nothing to summarise
+    runs = [json.loads(x) for x in open(runs_path) if x.strip()] if os.path.exists(runs_path) else []
     ok = {r["name"]: r for r in runs if not r.get("failed")}
     out = ["# device_check summary", ""]
     anchors = [x.strip() for x in open(log_path, errors="replace") if x.startswith(("ANCHOR", "HW2 "))]

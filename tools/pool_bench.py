@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """Is there a cheaper 2x2 max-pool for hw2's nets? Forward + backward of each candidate at the
-presets' shapes, timed alone, before anything in hw2.py changes.
+net's own pool sizes, timed alone, before anything in hw2.py changes.
 
     python tools/pool_bench.py [--presets fast,full] [--iters 50]
 
 Why: on an H200 (2026-11-30, `tools/step_profile.py`) PyTorch's channels-last max-pool kernels
-took 1.16 ms of `fast`'s ~5.8 ms training step (backward 0.74, forward 0.42), ~4x slower than
-their bytes at the card's bandwidth, and the GPU was busy the whole step: kernel time is what a
-step costs. Each candidate computes the same forward values as `nn.MaxPool2d(2)`; they differ
-in how the backward finds the maximum (PyTorch: int64 indices saved by the forward; `mask`:
-compares the input with the saved output, so tied maxima each get the gradient, a numerics
-change that a real run must price in accuracy). Prints, per preset and candidate, milliseconds
-per training step for the net's three pools (batch 1024, fp16 on a GPU, channels-last), whether
-the forward equals PyTorch's and the backward too (on ties it cannot), and the share of tied
-windows in the data used (random normal values in the run's dtype; a real net's are others).
-On a machine without a GPU it runs on the CPU at batch 64 in fp32 (plumbing, and the CPU's own
-answer: there every candidate measured 2-15x slower than PyTorch's on 2 Xeon cores, 2026-11-30).
+took 1.16 ms of `fast`'s ~5.8 ms training step (backward 0.74, forward 0.42), several times
+what their bytes need at the card's bandwidth, and the kernels filled most of the step
+(BENCHMARKS.md, 2026-11-30 second session): kernel time is what a step costs.
+
+Each candidate computes the same forward values as `nn.MaxPool2d(2)`. They differ in how the
+backward finds the maximum: PyTorch saves int64 indices in the forward; `mask` and `pair`
+compare the input with the saved output, so tied maxima each get the gradient (a numerics change
+that a real run must price in accuracy). Prints, per preset and candidate, milliseconds per
+training step for the net's three pools at the sizes they see (31, 15 and 7 pixels: the 2x2 stem
+has no padding, and an odd last row or column is dropped; batch 1024, fp16 on a GPU,
+channels-last), whether the forward and the backward equal PyTorch's (on ties the backward
+cannot), whether output and gradient stay channels-last, and the share of tied windows in the
+data used (random normal values in the run's dtype; a real net's are others). On a machine
+without a GPU it runs on the CPU at batch 64 in fp32 (plumbing, and the CPU's own answer: there
+every candidate measured several times slower than PyTorch's on 2 Xeon cores, 2026-11-30).
 """
 import argparse
 import os
@@ -33,15 +37,19 @@ import hw2  # noqa: E402
 
 
 def windows(x):
-    """(N, C, H, W) -> (N, C, H/2, 2, W/2, 2): each 2x2 window on dims 3 and 5, as a view."""
+    """(N, C, H, W) -> (N, C, H//2, 2, W//2, 2): each 2x2 window on dims 3 and 5, as a view. An
+    odd last row or column belongs to no window (max_pool2d floors the output size, and the
+    net's pools see 31, 15 and 7 pixels: its 2x2 stem has no padding)."""
     n, c, h, w = x.shape
-    return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))
+    h2, w2 = h // 2, w // 2
+    return x[:, :, :2 * h2, :2 * w2].unflatten(3, (w2, 2)).unflatten(2, (h2, 2))
 
 
 class MaskPool(torch.autograd.Function):
     """Forward: amax over each window, written into a channels-last output (amax alone would
     return a contiguous one, and the next BatchNorm and conv would convert it back).
-    Backward: the output's gradient where the input equals the window's maximum, else 0."""
+    Backward: the output's gradient where the input equals the window's maximum, else 0 (and 0
+    on an odd last row or column), written straight into a channels-last gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -55,8 +63,14 @@ class MaskPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y = ctx.saved_tensors
+        gx = torch.empty_like(x, memory_format=torch.channels_last)
+        if x.shape[2] % 2:
+            gx[:, :, -1].zero_()
+        if x.shape[3] % 2:
+            gx[:, :, :, -1].zero_()
         hit = windows(x) == y[:, :, :, None, :, None]
-        return torch.where(hit, g[:, :, :, None, :, None], 0).view(x.shape)
+        torch.where(hit, g[:, :, :, None, :, None], g.new_zeros(()), out=windows(gx))
+        return gx
 
 
 class PairPool(MaskPool):
@@ -65,8 +79,9 @@ class PairPool(MaskPool):
 
     @staticmethod
     def forward(ctx, x):
-        rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
-        y = torch.maximum(rows[..., 0::2], rows[..., 1::2])
+        h2, w2 = x.shape[2] // 2, x.shape[3] // 2
+        rows = torch.maximum(x[:, :, 0:2 * h2:2], x[:, :, 1:2 * h2:2])
+        y = torch.maximum(rows[..., 0:2 * w2:2], rows[..., 1:2 * w2:2])
         ctx.save_for_backward(x, y)
         return y
 
@@ -75,13 +90,17 @@ CANDIDATES = {
     "torch": lambda x: F.max_pool2d(x, 2),
     "mask": MaskPool.apply,
     "pair": PairPool.apply,
-    "nchw": lambda x: F.max_pool2d(x.contiguous(), 2).contiguous(memory_format=torch.channels_last),
 }
 
 
 def pool_shapes(widths):
-    """The three pools of hw2.Net: each group's first conv output, at 32, 16 and 8 pixels."""
-    return [(widths[0], 32), (widths[1], 16), (widths[2], 8)]
+    """(channels, pixels) at the input of each of hw2.Net's three max-pools, from the net itself."""
+    net, seen = hw2.Net(widths), []
+    for group in net.groups:
+        group.pool.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[1:3])))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 32, 32))
+    return seen
 
 
 def timed(fn, xs, gs, iters, cuda):
@@ -131,11 +150,11 @@ def main():
             got = [(fn(x), torch.autograd.grad(fn(x), x, g)[0]) for x, g in zip(xs, gs)]
             same_fwd = all(torch.equal(y, r[0]) for (y, _), r in zip(got, ref))
             same_bwd = all(torch.equal(d, r[1]) for (_, d), r in zip(got, ref))
-            layout = all(y.is_contiguous(memory_format=torch.channels_last) for y, _ in got)
+            layout = all(t.is_contiguous(memory_format=torch.channels_last) for pair in got for t in pair)
             ms = timed(fn, xs, gs, a.iters, cuda)
             base = base or ms
             print(f"POOL {preset:5s} {cand:6s} | {ms:7.3f} ms/step ({ms / base:5.2f}x torch) | "
-                  f"forward same {same_fwd} | backward same {same_bwd} | channels-last out {layout} | "
+                  f"forward same {same_fwd} | backward same {same_bwd} | channels-last out and grad {layout} | "
                   f"tied windows {ties / outs:.2e}")
 
 

@@ -18,7 +18,8 @@ twice in one process checks determinism too.
 
 Tuning (issue #7 asks to tune on our own split, not the harness's): with `--val-size N` the
 images come from DATA_DIR's training batches (the 50k), split as `hw2.py --val-size N` splits them,
-and each run predicts its N held-out images instead of a test batch. Each `--variant` (space-
+and each run predicts its N held-out images instead of a test batch (`smoke` aside: hw2.py
+first cuts its data to a few hundred images). Each `--variant` (space-
 separated `key=value` overrides of the preset's hyperparameters; "" is the preset itself) runs every
 seed, in one process: a warm run costs about half a fresh `hw2.py` process, so a lease holds twice
 the runs. A summary line per variant gives its mean accuracy over distinct seeds and its mean
@@ -81,7 +82,9 @@ def one_run(data, test, hp, hw, preset, seed, epochs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="fast")
-    ap.add_argument("--data-dir", required=True, help="the harness's split (cifar-10-batches-py with test_batch)")
+    ap.add_argument("--data-dir", required=True,
+                    help="the harness's split (cifar-10-batches-py with test_batch), or with --val-size "
+                         "any folder of training batches (the 50k)")
     ap.add_argument("--seeds", default="0,0,1,2", help="one run per entry, in this order, in one process")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--n-train", type=int, default=None, help="fewer training images (plumbing checks)")
@@ -96,6 +99,9 @@ def main():
     hw = dict(device="cuda" if cuda else "cpu", precision="fp16" if cuda else "fp32", compile=False)
     hp = hw2.preset_hparams(a.preset, hw)
     variants = [(text or "preset", parse_variant(text, hp)) for text in a.variant or [""]]
+    labels = [label for label, _ in variants]
+    if len(set(labels)) < len(labels):  # their results would be merged under one label
+        sys.exit(f"warm_runs: a --variant is given twice: {labels}")
     x, y, test = hw2.load_cifar_train(hw2.data_dir_folder(a.data_dir))
     # hw2.py's own order and split: load_data permutes the training images even when it holds none out
     x, y, vx, vy = hw2.split_train_val(x, y, a.val_size)
@@ -110,7 +116,7 @@ def main():
     rows, i, by_variant, seconds = [], 0, {}, {}
     for label, over in variants:
         hpv = dict(hp, **over)
-        epochs = a.epochs or hpv["epochs"]
+        epochs = over.get("epochs") or a.epochs or hpv["epochs"]  # a variant's own epochs win
         for seed in (int(s) for s in a.seeds.split(",")):
             r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
             rows.append(r)
