@@ -7,7 +7,8 @@
 # Plumbing dry run on the CPU (no card, tiny settings, ~2 min):  DRY=1 bash tools/device_check.sh
 #
 # Output: every line goes to stdout and to $OUT/device_check.log; one JSON line per hw2.py run to
-# $OUT/runs.jsonl; the per-question summary (the figures BENCHMARKS.md needs) to $OUT/summary.txt.
+# $OUT/runs.jsonl; the per-question summary (the figures BENCHMARKS.md needs) to $OUT/summary.txt;
+# the pool, profile and tune phases' lines also to $OUT/pool.txt, profile.txt and tune.txt.
 #
 # Budget, seconds of device time (whole processes, data prep included), from the first calls on
 # an H200 (2026-11-28, BENCHMARKS.md): data prep 26 s; airbench94 2.2 s and airbench96 ~17 s per
