@@ -2710,9 +2710,10 @@ def torchrun_follower():
 # * A checkpoint (`checkpoint.pt`) about once a minute and after the last epoch, so `--resume`
 #   continues a run that Kaggle killed; on CUDA out-of-memory the run restarts once at half the
 #   batch size. At the default settings two runs of one seed wrote the same bytes on an H200
-#   every time they were compared (2026-11-30); `--deterministic` (+20 % per `fast` epoch there) enforces
-#   deterministic kernels, which guarantees it. A run whose loss turns non-finite, or whose fp16 gradients overflow at every
-#   step, stops at that epoch's end with one line instead of predicting from an untrained net.
+#   every time they were compared (2026-11-30); `--deterministic` (+20 % per `fast` epoch
+#   there) enforces deterministic kernels, which guarantees it. A run whose loss turns
+#   non-finite, or whose fp16 gradients overflow at every step, stops at that epoch's end with
+#   one line instead of predicting from an untrained net.
 
 # %%
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]) * 255

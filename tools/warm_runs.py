@@ -113,25 +113,25 @@ def main():
     data = dict(train_x=x[:n], train_y=y[:n], val_x=x[:0], val_y=y[:0])
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     scored = "val" if a.val_size else "test"
-    rows, i, by_variant, seconds = [], 0, {}, {}
-    for label, over in variants:
+    runs = [(label, over, int(seed)) for label, over in variants for seed in a.seeds.split(",")]
+    cold, by_variant, seconds = None, {}, {}  # seconds: each variant's warm runs (train + predict)
+    for i, (label, over, seed) in enumerate(runs):
         hpv = dict(hp, **over)
         epochs = over.get("epochs") or a.epochs or hpv["epochs"]  # a variant's own epochs win
-        for seed in (int(s) for s in a.seeds.split(",")):
-            r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
-            rows.append(r)
-            by_variant.setdefault(label, {})[seed] = r["acc"]  # a repeated seed counts once
-            if i:  # the first run of the process is the cold one
-                seconds.setdefault(label, []).append(r["train"] + r["predict"])
-            print(f"WARM {a.preset} [{label}] run {i} ({'cold' if i == 0 else 'warm'}) seed {r['seed']} | "
-                  f"{name} | torch {torch.__version__} | {scored} acc {r['acc']:.4f} | train {r['train']:.2f} s "
-                  f"+ predict {r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch "
-                  f"{r['first_epoch']:.2f} s | sha {r['sha'][:12]}", flush=True)
-            i += 1
-    warm = [r["train"] + r["predict"] for r in rows[1:]]
+        r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
+        by_variant.setdefault(label, {})[seed] = r["acc"]  # a repeated seed counts once
+        if i == 0:  # the first run of the process pays its one-off costs
+            cold = r["train"] + r["predict"]
+        else:
+            seconds.setdefault(label, []).append(r["train"] + r["predict"])
+        print(f"WARM {a.preset} [{label}] run {i} ({'cold' if i == 0 else 'warm'}) seed {r['seed']} | "
+              f"{name} | torch {torch.__version__} | {scored} acc {r['acc']:.4f} | train {r['train']:.2f} s "
+              f"+ predict {r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch "
+              f"{r['first_epoch']:.2f} s | sha {r['sha'][:12]}", flush=True)
+    warm = [t for ts in seconds.values() for t in ts]
     if warm:
-        print(f"WARM {a.preset} summary | cold {rows[0]['train'] + rows[0]['predict']:.2f} s | warm median "
-              f"{statistics.median(warm):.2f} s over {len(warm)} runs")
+        print(f"WARM {a.preset} summary | cold {cold:.2f} s | warm median {statistics.median(warm):.2f} s "
+              f"over {len(warm)} runs")
     first = next(iter(by_variant.values()))
     for label, accs in by_variant.items():
         paired = [accs[s] - first[s] for s in accs if s in first]
