@@ -487,6 +487,41 @@ def test_training_step_calls_no_cuda_nondeterministic_kernel():
     assert not ops.seen & set(CUDA_NONDETERMINISTIC), ops.seen & set(CUDA_NONDETERMINISTIC)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_step_copies_nothing_but_autocasts_casts(autocast):
+    """A layout change inside the net (a .contiguous(), an op that returns NCHW) costs a full copy
+    of an activation per step on a GPU. One forward + backward, as train() runs it, issues no
+    copy of any kind in fp32, and under autocast only dtype casts (weights, out.float()) on the
+    CPU; the GPU's other copies are inside its kernels (BENCHMARKS.md, 2026-11-30, third session)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    copy_ops = {"copy_", "_to_copy", "clone", "cat", "stack", "contiguous", "_copy_from"}
+
+    class Copies(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in copy_ops:
+                self.seen.append((func.__name__, args[0].dtype, out.dtype))
+            return out
+
+    model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
+    model.whiten.bias.requires_grad = True
+    # train() makes each epoch's images channels-last once, before its steps
+    x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).contiguous(
+        memory_format=torch.channels_last)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
+    with Copies() as ops:
+        with hw2.autocast_ctx("cpu", "bf16" if autocast else "fp32"):
+            out = model(x)
+            loss = loss_fn(out.float(), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+    if not autocast:
+        assert ops.seen == []
+    else:
+        assert ops.seen and all(name.startswith("_to_copy") and a != b for name, a, b in ops.seen), ops.seen
+
+
 @pytest.mark.parametrize("bad", ["-1", "soon"])
 def test_checkpoint_every_rejects_bad_values(bad, monkeypatch):
     for k in [k for k in os.environ if k.startswith("HW2_")]:

@@ -55,3 +55,47 @@ def test_tune_variant_parsing():
         warm.parse_variant("foo=1", hp)
     with pytest.raises(SystemExit, match="'x' is not a Python literal"):
         warm.parse_variant("lr=x", hp)
+
+
+def test_pool_variant_parsing():
+    warm = _tool("warm_runs")
+    hp = hw2.PRESETS["fast"]
+    assert warm.parse_variant("pool=mask muon_lr=0.2", hp) == dict(pool="mask", muon_lr=0.2)
+    with pytest.raises(SystemExit, match="pool='max' is not one of"):
+        warm.parse_variant("pool=max", hp)
+
+
+def test_pool_variant_swaps_the_nets_pools_for_the_run_only():
+    warm = _tool("warm_runs")
+    torch.manual_seed(0)
+    ref = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
+    with warm.pools("mask"):
+        net = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)  # what train() builds
+    assert [type(g.pool).__name__ for g in net.groups] == ["CandidatePool"] * 3
+    assert all(isinstance(g.pool, torch.nn.MaxPool2d) for g in hw2.Net((8, 16, 16)).groups)  # restored
+    net.load_state_dict(ref.state_dict())  # the same weights: pools hold none
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ref.train(), net.train()
+    a, b = ref(x), net(x)
+    assert torch.equal(a, b)  # random floats: no tied window, so the candidate is PyTorch's pool
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), net.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_pool_bench_verdict_lines(capsys, monkeypatch):
+    """One verdict line per candidate, which device_check's pooltune phase reads: pass only with
+    the saving the rule asks for (thresholds no timing can straddle, so the test is not timed)."""
+    bench = _tool("pool_bench")
+
+    def verdicts(min_save):
+        monkeypatch.setattr("sys.argv", ["pool_bench.py", "--presets", "smoke", "--iters", "1", "--batch", "2",
+                                         f"--min-save-ms={min_save}"])
+        bench.main()
+        return [line.split()[2:5] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("POOL verdict")]
+
+    assert verdicts(1e9) == [["smoke", "mask", "fail"], ["smoke", "pair", "fail"]]
+    assert verdicts(-1e9) == [["smoke", "mask", "pass"], ["smoke", "pair", "pass"]]

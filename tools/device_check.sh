@@ -8,7 +8,8 @@
 #
 # Output: every line goes to stdout and to $OUT/device_check.log; one JSON line per hw2.py run to
 # $OUT/runs.jsonl; the per-question summary (the figures BENCHMARKS.md needs) to $OUT/summary.txt;
-# the pool, profile and tune phases' lines also to $OUT/pool.txt, profile.txt and tune.txt.
+# the pool, pooltune, profile and tune phases' lines also to $OUT/pool.txt, pooltune.txt,
+# profile.txt and tune.txt.
 #
 # Budget, seconds of device time (whole processes, data prep included), from the first calls on
 # an H200 (2026-11-28, BENCHMARKS.md): data prep 26 s; airbench94 2.2 s and airbench96 ~17 s per
@@ -20,6 +21,9 @@
 #   data         JPEG -> batches -> the 45k/5k split (side_by_side.sh)                  30
 #   preflight    hw2 fast, 1 epoch: stops the call if hw2.py fails or misses the GPU    25
 #   pool         tools/pool_bench.py: 2x2 max-pool candidates, their kernels alone      20
+#   pooltune     the candidates that passed pool's rule (POOL verdict ... pass), in fast
+#                end to end against PyTorch's pool: warm time and accuracy on hw2's own
+#                split (tools/warm_runs.py --variant pool=NAME); none passed: nothing     45
 #   profile      fast under torch.profiler: a fresh process's first epoch and prediction
 #                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
 #   tune         full's variants (TUNE_VARIANTS) x TUNE_SEEDS on hw2's own split of the
@@ -34,8 +38,9 @@
 #   autotune     fast and full seed 0 with --autotune on (measured 2026-11-29: off)      45
 #   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
-#   default PHASES: preflight pool profile tune baseline fast (what #7 still lacks),
-#   with the data step                                                                ~530
+#   default PHASES: preflight pool pooltune profile tune baseline fast (what #7 still
+#   lacks), with the data step: ~530 when no pool candidate passes, ~575 when one does
+#   (then the last phase, fast, may not fit and is skipped)
 # (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's list (preflight baseline fast
 # determinism compile fastepochs graph profile) in 544 s; those phases run when named in PHASES)
 # A phase starts only if its estimate fits before DEADLINE (default 500 s after the start), in the
@@ -44,9 +49,10 @@
 # 15-minute lease (a minute or two of it the machine's start), run with DEADLINE=555 and
 # timeout_s=590 (the default list fits); if phases were skipped, then at once, while the card is
 # warm (it goes back after 30 s idle), e.g. PHASES="graph profile" DEADLINE=100 with what is left.
-# Knobs: PHASES (default "preflight pool profile tune baseline fast"), DEADLINE, TUNE_VARIANTS
+# Knobs: PHASES (default "preflight pool pooltune profile tune baseline fast"), DEADLINE, TUNE_VARIANTS
 # (variants separated by "|", each space-separated key=value overrides; "" the preset), TUNE_SEEDS,
 # TUNE_PRESET, TUNE_ARGS (extra warm_runs.py flags), OWN_VAL (own split's held-out images), POOL_ARGS,
+# POOL_CANDIDATES (space-separated; default those pool passed), POOLTUNE_PRESET, POOLTUNE_SEEDS, POOLTUNE_ARGS,
 # AB94_RUNS, AB96_RUNS, FULL_RUNS, FAST_RUNS, FAST_ARGS, FULL_ARGS (extra hw2.py flags, e.g. to
 # try other epochs), FULL_ALT_ARGS, FULL_SGD_ARGS, PROFILE_PRESET, PROFILE_ARGS, PY, W.
 set -uo pipefail
@@ -64,7 +70,10 @@ if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 8,16,32 --epochs 1}
   PROFILE_PRESET=${PROFILE_PRESET:-smoke}; PROFILE_ARGS=${PROFILE_ARGS:---n-train 2048}; OWN_VAL=${OWN_VAL:-100}
   TUNE_PRESET=${TUNE_PRESET:-smoke}; TUNE_ARGS=${TUNE_ARGS:---n-train 512 --epochs 1}; TUNE_SEEDS=${TUNE_SEEDS:-0,1}
-  TUNE_VARIANTS=${TUNE_VARIANTS-|lr=20.0}; POOL_ARGS=${POOL_ARGS:---iters 2 --batch 16}
+  # no candidate saves time on a CPU: a threshold that every one passes, so that pooltune runs
+  TUNE_VARIANTS=${TUNE_VARIANTS-|lr=20.0}; POOL_ARGS=${POOL_ARGS:---iters 2 --batch 16 --min-save-ms=-1e9}
+  POOLTUNE_PRESET=${POOLTUNE_PRESET:-smoke}; POOLTUNE_ARGS=${POOLTUNE_ARGS:---n-train 512 --epochs 1}
+  POOLTUNE_SEEDS=${POOLTUNE_SEEDS:-0,0,1}
 else
   PY=${PY:-python3}
   # --skip-answers: Problems 1-3 (~7-10 s a process) are the same in every run; skipped, the
@@ -74,7 +83,7 @@ else
   FULL_ALT_ARGS=${FULL_ALT_ARGS:---widths 128,384,512 --epochs 35}  # airbench96's widths, same FLOPs (proxy: level)
   PROFILE_PRESET=${PROFILE_PRESET:-fast}; PROFILE_ARGS=${PROFILE_ARGS:---cold}  # --cold: a fresh process's one-off costs too
 fi
-PHASES=${PHASES:-preflight pool profile tune baseline fast}
+PHASES=${PHASES:-preflight pool pooltune profile tune baseline fast}
 # full's candidates, on our own split (rule, BENCHMARKS.md "What the next card measures"): the
 # preset, Muon's step at the top of the CPU proxy's flat range, two more epochs (1.08x the time)
 TUNE_VARIANTS=${TUNE_VARIANTS-|muon_lr=0.11|epochs=28}; TUNE_SEEDS=${TUNE_SEEDS:-0,1,2,3}  # "": the preset alone
@@ -132,6 +141,23 @@ fi
 
 if phase pool 20; then  # is a cheaper 2x2 max-pool there? kernels alone, before hw2.py changes
   "$PY" tools/pool_bench.py ${POOL_ARGS:-} 2>&1 | tee "$OUT/pool.txt"
+  _pool_ran=1  # pooltune reads this call's verdicts, never a pool.txt left by an earlier call
+fi
+
+# a candidate that passed pool's rule, end to end in fast (rule, BENCHMARKS.md, "max-pool candidates
+# end to end"): its warm train + predict median no slower than PyTorch's pool's in the same process,
+# and its mean accuracy, paired over the seeds, no more than 0.2 % below
+if [ -z "${POOL_CANDIDATES+set}" ] && [ -n "${_pool_ran:-}" ]; then
+  POOL_CANDIDATES=$(grep -E "^POOL verdict fast [a-z]+ pass" "$OUT/pool.txt" | awk '{print $4}' | tr '\n' ' ')
+fi
+POOL_CANDIDATES=${POOL_CANDIDATES:-}
+if [[ " $PHASES " == *" pooltune "* ]] && [ -z "${POOL_CANDIDATES// /}" ]; then
+  echo "== pooltune: no pool candidate passed (or pool did not run): nothing to price"
+elif phase pooltune 45; then
+  _pargs=(--variant ""); for c in $POOL_CANDIDATES; do _pargs+=(--variant "pool=$c"); done
+  "$PY" tools/warm_runs.py --preset "${POOLTUNE_PRESET:-fast}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
+    --seeds "${POOLTUNE_SEEDS:-0,0,1,2,3}" ${POOLTUNE_ARGS:-} "${_pargs[@]}" 2>&1 | grep -E "^WARM|^warm_runs:|rror" \
+    | tee "$OUT/pooltune.txt"
 fi
 
 if phase profile 35; then  # a cold process's one-off costs, and where a warm epoch's GPU time goes

@@ -126,6 +126,9 @@ def main():
     ap.add_argument("--presets", default="fast,full")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--batch", type=int, default=None, help="default 1024 on a GPU, 64 on the CPU")
+    ap.add_argument("--min-save-ms", type=float, default=0.3,
+                    help="a candidate passes if its forward equals PyTorch's and it saves this much a "
+                         "training step (the rule in BENCHMARKS.md: 0.3 ms, ~5 %% of fast's step)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -156,6 +159,10 @@ def main():
             print(f"POOL {preset:5s} {cand:6s} | {ms:7.3f} ms/step ({ms / base:5.2f}x torch) | "
                   f"forward same {same_fwd} | backward same {same_bwd} | channels-last out and grad {layout} | "
                   f"tied windows {ties / outs:.2e}")
+            if cand != "torch":  # one line a script can read (device_check's pooltune phase)
+                ok = same_fwd and layout and base - ms >= a.min_save_ms
+                print(f"POOL verdict {preset} {cand} {'pass' if ok else 'fail'} | saves {base - ms:.3f} ms/step "
+                      f"(needs {a.min_save_ms}) | forward same {same_fwd} | channels-last {layout}")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ separated `key=value` overrides of the preset's hyperparameters; "" is the prese
 seed, in one process: a warm run costs about half a fresh `hw2.py` process, so a lease holds twice
 the runs. A summary line per variant gives its mean accuracy over distinct seeds and its mean
 difference from the first variant on the same seeds (paired: same seed, same images, same order).
+
+One variant key is the tool's own, not a hyperparameter: `pool=NAME` trains and predicts with the
+net's three max-pools replaced by `tools/pool_bench.py`'s candidate NAME (mask, pair; torch is
+PyTorch's own), so that a candidate whose kernels measured faster is priced end to end, in time
+and in accuracy (it gives a tied window's gradient to every tied input), before hw2.py changes.
 """
 import ast
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -36,25 +42,67 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import hw2  # noqa: E402
+import pool_bench  # noqa: E402
 
 
 def parse_variant(text, hp):
     """'muon_lr=0.06 widths=(128,384,512)' -> {'muon_lr': 0.06, 'widths': (128, 384, 512)}; keys
-    must be the preset's."""
+    must be the preset's, or `pool` (a candidate's name: the tool's own key, see the docstring)."""
     out = {}
     for part in text.split():
         key, sep, value = part.partition("=")
+        if key == "pool" and sep:
+            if value not in pool_bench.CANDIDATES:
+                sys.exit(f"warm_runs: --variant {text!r}: pool={value!r} is not one of {sorted(pool_bench.CANDIDATES)}")
+            out[key] = value
+            continue
         if not sep or key not in hp:
-            sys.exit(f"warm_runs: --variant {text!r}: {part!r} is not KEY=VALUE with KEY one of {sorted(hp)}")
+            sys.exit(f"warm_runs: --variant {text!r}: {part!r} is not KEY=VALUE with KEY one of "
+                     f"{sorted(hp) + ['pool']}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             sys.exit(f"warm_runs: --variant {text!r}: {value!r} is not a Python literal")
     return out
+
+
+class CandidatePool(nn.Module):
+    def __init__(self, name):
+        super().__init__()
+        self.name, self.fn = name, pool_bench.CANDIDATES[name]
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def extra_repr(self):
+        return self.name
+
+
+@contextlib.contextmanager
+def pools(name):
+    """Inside: hw2.Net (which train() builds) has the candidate `name` as its three max-pools."""
+    if name == "torch":
+        yield
+        return
+    original = hw2.Net
+
+    class PooledNet(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for group in self.groups:
+                group.pool = CandidatePool(name)
+
+    hw2.Net = PooledNet
+    try:
+        yield
+    finally:
+        hw2.Net = original
 
 
 def one_run(data, test, hp, hw, preset, seed, epochs):
@@ -116,9 +164,10 @@ def main():
     runs = [(label, over, int(seed)) for label, over in variants for seed in a.seeds.split(",")]
     cold, by_variant, seconds = None, {}, {}  # seconds: each variant's warm runs (train + predict)
     for i, (label, over, seed) in enumerate(runs):
-        hpv = dict(hp, **over)
+        hpv = dict(hp, **{k: v for k, v in over.items() if k != "pool"})
         epochs = over.get("epochs") or a.epochs or hpv["epochs"]  # a variant's own epochs win
-        r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
+        with pools(over.get("pool", "torch")):
+            r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
         by_variant.setdefault(label, {})[seed] = r["acc"]  # a repeated seed counts once
         if i == 0:  # the first run of the process pays its one-off costs
             cold = r["train"] + r["predict"]
