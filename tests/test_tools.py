@@ -99,3 +99,48 @@ def test_pool_bench_verdict_lines(capsys, monkeypatch):
 
     assert verdicts(1e9) == [["smoke", "mask", "fail"], ["smoke", "pair", "fail"]]
     assert verdicts(-1e9) == [["smoke", "mask", "pass"], ["smoke", "pair", "pass"]]
+
+
+def test_warm_runs_compare_pairs_seeds_and_times():
+    warm = _tool("warm_runs")
+    by_variant = {"preset": {0: 0.90, 1: 0.92, 2: 0.91}, "b": {0: 0.91, 1: 0.91, 2: 0.93}}
+    seconds = {"preset": [2.0, 2.2], "b": [2.1, 2.3, 2.2]}  # the preset's first run was the cold one
+    base, b = warm.compare(by_variant, seconds)
+    assert (base["paired"], base["worse"], base["time_ratio"]) == (0.0, 0, 1.0)
+    assert b["paired"] == pytest.approx(0.02 / 3) and (b["worse"], b["n_paired"]) == (1, 3)
+    assert b["warm_median"] == pytest.approx(2.2) and b["time_ratio"] == pytest.approx(2.2 / 2.1)
+
+
+def _rules(tmp_path, phase, variants):
+    import json
+    base = dict(label="preset", mean=0.92, paired=0.0, n_paired=4, worse=0, warm_median=13.5, time_ratio=1.0)
+    (tmp_path / f"{phase}.json").write_text(json.dumps(dict(
+        preset="full", scored="val", seeds="0,1,2,3", device="GPU", variants=[base] + variants)))
+    lines = _tool("device_summary").rules(str(tmp_path))
+    return {line.split("]")[0].strip(" ["): line for line in lines if line.startswith("  [")}
+
+
+def test_tune_rule_adopts_only_a_clear_gain_in_time(tmp_path):
+    v = dict(mean=0.923, n_paired=4, warm_median=13.5)
+    got = _rules(tmp_path, "tune", [
+        dict(v, label="good", paired=0.003, worse=1, time_ratio=1.07),
+        dict(v, label="small", paired=0.0015, worse=0, time_ratio=1.0),
+        dict(v, label="mixed", paired=0.004, worse=2, time_ratio=1.0),
+        dict(v, label="slow", paired=0.005, worse=0, time_ratio=1.09),
+        dict(v, label="untimed", paired=0.005, worse=0, time_ratio=float("nan")),
+    ])
+    assert "ADOPT" in got["good"]
+    for label in ("small", "mixed", "slow", "untimed"):
+        assert "KEEP the preset" in got[label], got[label]
+    assert "worse on 2 of 4 seeds <= 1: NO" in got["mixed"]
+
+
+def test_pooltune_rule_wants_no_loss_and_no_slowdown(tmp_path):
+    v = dict(mean=0.91, n_paired=4, worse=2, warm_median=2.3)
+    got = _rules(tmp_path, "pooltune", [
+        dict(v, label="pool=mask", paired=-0.001, time_ratio=0.96),
+        dict(v, label="pool=pair", paired=-0.003, time_ratio=0.9),
+        dict(v, label="pool=slow", paired=0.002, time_ratio=1.01),
+    ])
+    assert "ADOPT into hw2.py" in got["pool=mask"]
+    assert "KEEP" in got["pool=pair"] and "KEEP" in got["pool=slow"]

@@ -156,7 +156,7 @@ if [[ " $PHASES " == *" pooltune "* ]] && [ -z "${POOL_CANDIDATES// /}" ]; then
 elif phase pooltune 45; then
   _pargs=(--variant ""); for c in $POOL_CANDIDATES; do _pargs+=(--variant "pool=$c"); done
   "$PY" tools/warm_runs.py --preset "${POOLTUNE_PRESET:-fast}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
-    --seeds "${POOLTUNE_SEEDS:-0,0,1,2,3}" ${POOLTUNE_ARGS:-} "${_pargs[@]}" 2>&1 | grep -E "^WARM|^warm_runs:|rror" \
+    --seeds "${POOLTUNE_SEEDS:-0,0,1,2,3}" ${POOLTUNE_ARGS:-} "${_pargs[@]}" --json "$OUT/pooltune.json" 2>&1 | grep -E "^WARM|^warm_runs:|rror" \
     | tee "$OUT/pooltune.txt"
 fi
 
@@ -171,7 +171,7 @@ if phase tune 190; then  # full's variants on hw2's own split of the 50k (never 
   [ "${TUNE_VARIANTS: -1}" = "|" ] && _vargs+=(--variant "")  # read drops a trailing empty field
   [ ${#_vargs[@]} -eq 0 ] && _vargs=(--variant "")  # TUNE_VARIANTS="": the preset alone
   "$PY" tools/warm_runs.py --preset "${TUNE_PRESET:-full}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
-    --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" 2>&1 | grep -E "^WARM|^warm_runs:|rror" | tee "$OUT/tune.txt"
+    --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" --json "$OUT/tune.json" 2>&1 | grep -E "^WARM|^warm_runs:|rror" | tee "$OUT/tune.txt"
 fi
 
 # data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)

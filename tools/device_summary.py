@@ -4,6 +4,8 @@
     device_summary.py run NAME METRICS_JSON T0 T1 "FLAGS"   -> one JSON line on stdout
     device_summary.py line  < one JSON line                 -> one readable line
     device_summary.py summary RUNS_JSONL LOG                -> what BENCHMARKS.md needs, per question
+                                                               (and the tune/pooltune rules' verdicts,
+                                                               from tune.json, pooltune.json beside it)
 
 Peak dense fp16 tensor-core rates (vendor data sheets, TFLOP/s) turn the achieved rate into a
 utilisation, which the T4 projection assumes carries over: an estimate, labelled as such.
@@ -104,6 +106,41 @@ def versus_default(ok, suffix, title, setting):
     return (["", title] + out) if out else []
 
 
+# The rules written before the call (BENCHMARKS.md: "What the next card measures", item 3, for
+# tune; the third session of 2026-11-30 for pooltune), applied to tools/warm_runs.py's figures
+TUNE_MIN_GAIN = 0.002   # paired mean accuracy gain over the seeds, about one standard error
+TUNE_MAX_WORSE = 1      # seeds on which the variant may score lower
+TUNE_MAX_TIME = 1.08    # warm train + predict against the preset's (binds epochs=28)
+POOL_MAX_LOSS = -0.002  # a pool candidate may cost at most this much accuracy, paired
+POOL_MAX_TIME = 1.0     # and must not be slower end to end than PyTorch's pool
+
+
+def rules(out_dir):
+    """ADOPT or KEEP per variant of the tune and pooltune phases, each test shown with its figure."""
+    out = []
+    for fname, phase in (("tune.json", "tune"), ("pooltune.json", "pooltune")):
+        path = os.path.join(out_dir, fname)
+        if not os.path.exists(path):
+            continue
+        d = json.load(open(path))
+        base, *others = d["variants"]
+        out.append(f"{phase}: {d['preset']} on the {d['scored']} split, seeds {d['seeds']}, {d['device']}: "
+                   f"[{base['label']}] acc {base['mean']:.4f}, warm train + predict {base['warm_median']:.2f} s")
+        for v in others:
+            if phase == "tune":
+                checks = [(v["paired"] >= TUNE_MIN_GAIN, f"paired gain {v['paired']:+.4f} >= +{TUNE_MIN_GAIN}"),
+                          (v["worse"] <= TUNE_MAX_WORSE, f"worse on {v['worse']} of {v['n_paired']} seeds <= {TUNE_MAX_WORSE}"),
+                          (v["time_ratio"] <= TUNE_MAX_TIME, f"warm time {v['time_ratio']:.3f}x <= {TUNE_MAX_TIME}x")]
+                adopt = "ADOPT (then confirm on the harness split in a later call)"
+            else:
+                checks = [(v["paired"] >= POOL_MAX_LOSS, f"paired difference {v['paired']:+.4f} >= {POOL_MAX_LOSS}"),
+                          (v["time_ratio"] <= POOL_MAX_TIME, f"warm time {v['time_ratio']:.3f}x <= {POOL_MAX_TIME}x")]
+                adopt = "ADOPT into hw2.py (GPU only; full too, checked by the next baseline)"
+            verdict = adopt if all(ok for ok, _ in checks) else "KEEP the preset"
+            out.append(f"  [{v['label']}] {verdict}: " + "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks))
+    return (["", "## rules written before the call (tools/warm_runs.py's figures)"] + out) if out else []
+
+
 def summary(runs_path, log_path):
     # no hw2.py run in this call (e.g. PHASES="pool tune"): no file, and nothing to summarise
     runs = [json.loads(x) for x in open(runs_path) if x.strip()] if os.path.exists(runs_path) else []
@@ -120,6 +157,7 @@ def summary(runs_path, log_path):
             out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
     out += verdicts(anchors, ok)
+    out += rules(os.path.dirname(os.path.abspath(runs_path)))
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
         a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
         if a and b:

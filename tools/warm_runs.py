@@ -141,6 +141,8 @@ def main():
                          "score them, instead of the test batch")
     ap.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE ...",
                     help="hyperparameter overrides, repeatable; each runs every seed (default: the preset)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write every run and each variant's figures there (device_check's rules read it)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     hw2.configure_determinism(False, "off")
@@ -162,13 +164,14 @@ def main():
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     scored = "val" if a.val_size else "test"
     runs = [(label, over, int(seed)) for label, over in variants for seed in a.seeds.split(",")]
-    cold, by_variant, seconds = None, {}, {}  # seconds: each variant's warm runs (train + predict)
+    cold, by_variant, seconds, rows = None, {}, {}, []  # seconds: each variant's warm runs (train + predict)
     for i, (label, over, seed) in enumerate(runs):
         hpv = dict(hp, **{k: v for k, v in over.items() if k != "pool"})
         epochs = over.get("epochs") or a.epochs or hpv["epochs"]  # a variant's own epochs win
         with pools(over.get("pool", "torch")):
             r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
         by_variant.setdefault(label, {})[seed] = r["acc"]  # a repeated seed counts once
+        rows.append(dict(r, label=label, run=i, warm=i > 0))
         if i == 0:  # the first run of the process pays its one-off costs
             cold = r["train"] + r["predict"]
         else:
@@ -181,13 +184,32 @@ def main():
     if warm:
         print(f"WARM {a.preset} summary | cold {cold:.2f} s | warm median {statistics.median(warm):.2f} s "
               f"over {len(warm)} runs")
-    first = next(iter(by_variant.values()))
+    stats = [dict(v, overrides=dict(variants)[v["label"]]) for v in compare(by_variant, seconds)]
+    for v in stats:
+        print(f"WARM {a.preset} variant [{v['label']}] | {scored} acc mean {v['mean']:.4f} over seeds {v['seeds']} | "
+              f"vs the first variant {v['paired']:+.4f} (paired over {v['n_paired']} seeds, worse on {v['worse']}) | "
+              f"warm train + predict median {v['warm_median']:.2f} s ({v['time_ratio']:.3f}x the first variant's)")
+    if a.json:  # for device_summary's rules: the same figures, not parsed back out of the lines above
+        hw2.write_json(a.json, dict(preset=a.preset, device=name, torch=torch.__version__, scored=scored,
+                                    seeds=a.seeds, cold=cold, runs=rows, variants=stats))
+
+
+def compare(by_variant, seconds):
+    """Per variant: mean accuracy over its distinct seeds; the mean paired difference from the first
+    variant and on how many of those seeds it scored lower; its warm runs' median seconds and their
+    ratio to the first variant's (nan where a variant has no warm run)."""
+    nan = float("nan")
+    med = {label: statistics.median(ts) for label, ts in seconds.items()}
+    first_label = next(iter(by_variant))
+    first = by_variant[first_label]
+    out = []
     for label, accs in by_variant.items():
-        paired = [accs[s] - first[s] for s in accs if s in first]
-        print(f"WARM {a.preset} variant [{label}] | {scored} acc mean {statistics.mean(accs.values()):.4f} "
-              f"over seeds {sorted(accs)} | vs the first variant {statistics.mean(paired):+.4f} "
-              f"(paired over {len(paired)} seeds) | warm train + predict median "
-              f"{statistics.median(seconds[label]) if label in seconds else float('nan'):.2f} s")
+        diffs = [accs[s] - first[s] for s in accs if s in first]
+        out.append(dict(label=label, mean=statistics.mean(accs.values()), seeds=sorted(accs),
+                        paired=statistics.mean(diffs), n_paired=len(diffs), worse=sum(d < 0 for d in diffs),
+                        warm_median=med.get(label, nan),
+                        time_ratio=med.get(label, nan) / med.get(first_label, nan)))
+    return out
 
 
 if __name__ == "__main__":
