@@ -492,7 +492,9 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
     """A layout change inside the net (a .contiguous(), an op that returns NCHW) costs a full copy
     of an activation per step on a GPU. One forward + backward, as train() runs it, issues no
     copy of any kind in fp32, and under autocast only dtype casts (weights, out.float()) on the
-    CPU; the GPU's other copies are inside its kernels (BENCHMARKS.md, 2026-11-30, third session)."""
+    CPU; and every convolution and BatchNorm gets its input channels-last (an NCHW one would be
+    converted inside the kernel, where no dispatch mode sees it). The GPU's other copies are
+    inside its kernels (BENCHMARKS.md, 2026-11-30, third session)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     copy_ops = {"copy_", "_to_copy", "clone", "cat", "stack", "contiguous", "_copy_from"}
 
@@ -507,6 +509,11 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
 
     model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
     model.whiten.bias.requires_grad = True
+    layouts = []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+            m.register_forward_pre_hook(
+                lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     # train() makes each epoch's images channels-last once, before its steps
     x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).contiguous(
         memory_format=torch.channels_last)
@@ -516,6 +523,7 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
             out = model(x)
             loss = loss_fn(out.float(), torch.tensor([0, 1, 2, 3]))
         loss.backward()
+    assert len(layouts) == 1 + 3 * 6 and all(layouts), layouts  # the stem, 3 convs and 3 norms a group
     if not autocast:
         assert ops.seen == []
     else:

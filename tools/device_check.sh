@@ -23,7 +23,8 @@
 #   pool         tools/pool_bench.py: 2x2 max-pool candidates, their kernels alone      20
 #   pooltune     the candidates that passed pool's rule (POOL verdict ... pass), in fast
 #                end to end against PyTorch's pool: warm time and accuracy on hw2's own
-#                split (tools/warm_runs.py --variant pool=NAME); none passed: nothing     45
+#                split (tools/warm_runs.py --variant pool=NAME); none passed: nothing
+#                                                         10 + 13 per variant (36 for one)
 #   profile      fast under torch.profiler: a fresh process's first epoch and prediction
 #                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
 #   tune         full's variants (TUNE_VARIANTS) x TUNE_SEEDS on hw2's own split of the
@@ -39,7 +40,7 @@
 #   sgdbf16      fast seed 0 with --optimizer sgd and in bf16 (measured 2026-11-29)      25
 #   fullsgd      full seed 0 as the SGD recipe (128/512/512, SGD, 30 epochs)            38
 #   default PHASES: preflight pool pooltune profile tune baseline fast (what #7 still
-#   lacks), with the data step: ~530 when no pool candidate passes, ~575 when one does
+#   lacks), with the data step: ~530 when no pool candidate passes, ~565 when one does
 #   (then the last phase, fast, may not fit and is skipped)
 # (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's list (preflight baseline fast
 # determinism compile fastepochs graph profile) in 544 s; those phases run when named in PHASES)
@@ -62,6 +63,8 @@ DRY=${DRY:-0}
 OUT=${OUT:-/tmp/device_check_out}
 W=${W:-/tmp/side_by_side}
 mkdir -p "$OUT" "$W/runs"
+# the rules read these: never an earlier call's (runs.jsonl and the log do add up over calls)
+rm -f "$OUT/pool.txt" "$OUT/pooltune.txt" "$OUT/pooltune.json" "$OUT/tune.txt" "$OUT/tune.json"
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 if [ "$DRY" = 1 ]; then  # the CPU: every phase's plumbing, nothing worth timing
   PY=${PY:-.venv/bin/python}; export SKIP_ANCHORS=1
@@ -141,19 +144,18 @@ fi
 
 if phase pool 20; then  # is a cheaper 2x2 max-pool there? kernels alone, before hw2.py changes
   "$PY" tools/pool_bench.py ${POOL_ARGS:-} 2>&1 | tee "$OUT/pool.txt"
-  _pool_ran=1  # pooltune reads this call's verdicts, never a pool.txt left by an earlier call
 fi
 
 # a candidate that passed pool's rule, end to end in fast (rule, BENCHMARKS.md, "max-pool candidates
 # end to end"): its warm train + predict median no slower than PyTorch's pool's in the same process,
-# and its mean accuracy, paired over the seeds, no more than 0.2 % below
-if [ -z "${POOL_CANDIDATES+set}" ] && [ -n "${_pool_ran:-}" ]; then
+# and its mean accuracy, paired over the seeds, no more than 0.2 % below (device_summary's rules)
+if [ -z "${POOL_CANDIDATES+set}" ] && [ -f "$OUT/pool.txt" ]; then
   POOL_CANDIDATES=$(grep -E "^POOL verdict fast [a-z]+ pass" "$OUT/pool.txt" | awk '{print $4}' | tr '\n' ' ')
 fi
 POOL_CANDIDATES=${POOL_CANDIDATES:-}
 if [[ " $PHASES " == *" pooltune "* ]] && [ -z "${POOL_CANDIDATES// /}" ]; then
   echo "== pooltune: no pool candidate passed (or pool did not run): nothing to price"
-elif phase pooltune 45; then
+elif phase pooltune $(( 10 + 13 * ($(wc -w <<<"$POOL_CANDIDATES") + 1) )); then  # ~2.5 s a warm run
   _pargs=(--variant ""); for c in $POOL_CANDIDATES; do _pargs+=(--variant "pool=$c"); done
   "$PY" tools/warm_runs.py --preset "${POOLTUNE_PRESET:-fast}" --data-dir "$W/full" --val-size "${OWN_VAL:-5000}" \
     --seeds "${POOLTUNE_SEEDS:-0,0,1,2,3}" ${POOLTUNE_ARGS:-} "${_pargs[@]}" --json "$OUT/pooltune.json" 2>&1 | grep -E "^WARM|^warm_runs:|rror" \

@@ -18,12 +18,14 @@ twice in one process checks determinism too.
 
 Tuning (issue #7 asks to tune on our own split, not the harness's): with `--val-size N` the
 images come from DATA_DIR's training batches (the 50k), split as `hw2.py --val-size N` splits them,
-and each run predicts its N held-out images instead of a test batch (`smoke` aside: hw2.py
-first cuts its data to a few hundred images). Each `--variant` (space-
-separated `key=value` overrides of the preset's hyperparameters; "" is the preset itself) runs every
-seed, in one process: a warm run costs about half a fresh `hw2.py` process, so a lease holds twice
-the runs. A summary line per variant gives its mean accuracy over distinct seeds and its mean
-difference from the first variant on the same seeds (paired: same seed, same images, same order).
+and each run predicts its N held-out images instead of a test batch (`smoke` aside: hw2.py first
+cuts its data to a few hundred images). Each `--variant` (space-separated `key=value` overrides of
+the preset's hyperparameters; "" is the preset itself) runs every seed, in one process, seed by
+seed with the variants interleaved: a warm run costs about half a fresh `hw2.py` process, so a
+lease holds twice the runs. A summary line per variant gives its mean accuracy over distinct
+seeds, its mean difference from the first variant on the same seeds (paired: same seed, same
+images, same order) and on how many it scored lower, and its warm seconds against the first's;
+`--json PATH` writes those figures and every run (tools/device_summary.py applies the rules).
 
 One variant key is the tool's own, not a hyperparameter: `pool=NAME` trains and predicts with the
 net's three max-pools replaced by `tools/pool_bench.py`'s candidate NAME (mask, pair; torch is
@@ -122,7 +124,8 @@ def one_run(data, test, hp, hw, preset, seed, epochs):
     hw2.atomic_write(path, lambda f: sub.to_csv(f, index=False))
     t_predict = time.time() - t0
     row = dict(seed=seed, acc=float((pred == test[1]).mean()), train=t_train, predict=t_predict,
-               first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path))
+               first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path),
+               pool=getattr(model.groups[0].pool, "name", "torch"))  # what really ran, not what was asked
     shutil.rmtree(out)  # checkpoint.pt, model.pt: up to ~100 MB a run for `full`
     return row
 
@@ -163,7 +166,9 @@ def main():
     data = dict(train_x=x[:n], train_y=y[:n], val_x=x[:0], val_y=y[:0])
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     scored = "val" if a.val_size else "test"
-    runs = [(label, over, int(seed)) for label, over in variants for seed in a.seeds.split(",")]
+    # seed by seed, every variant in turn: a drift over the process (clocks, allocator) is shared
+    # by all variants instead of landing on the last; the first run (cold) is the first variant's
+    runs = [(label, over, int(seed)) for seed in a.seeds.split(",") for label, over in variants]
     cold, by_variant, seconds, rows = None, {}, {}, []  # seconds: each variant's warm runs (train + predict)
     for i, (label, over, seed) in enumerate(runs):
         hpv = dict(hp, **{k: v for k, v in over.items() if k != "pool"})
@@ -179,7 +184,7 @@ def main():
         print(f"WARM {a.preset} [{label}] run {i} ({'cold' if i == 0 else 'warm'}) seed {r['seed']} | "
               f"{name} | torch {torch.__version__} | {scored} acc {r['acc']:.4f} | train {r['train']:.2f} s "
               f"+ predict {r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch "
-              f"{r['first_epoch']:.2f} s | sha {r['sha'][:12]}", flush=True)
+              f"{r['first_epoch']:.2f} s | pool {r['pool']} | sha {r['sha'][:12]}", flush=True)
     warm = [t for ts in seconds.values() for t in ts]
     if warm:
         print(f"WARM {a.preset} summary | cold {cold:.2f} s | warm median {statistics.median(warm):.2f} s "
