@@ -467,24 +467,38 @@ CUDA_NONDETERMINISTIC = (
     "embedding_bag", "index_add", "put_", "scatter_reduce", "histc", "bincount")
 
 
-def test_training_step_calls_no_cuda_nondeterministic_kernel():
+def _one_training_step(model=None, precision="fp32"):
+    """Every aten op (name, first argument's dtype, result's dtype) of one forward + backward of a
+    small Net as train() runs it: channels-last images (made so once an epoch, before the steps),
+    the summed, label-smoothed loss on fp32 logits."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
-        seen = set()
+        seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.seen.append((func.__name__, getattr(first, "dtype", None), getattr(out, "dtype", None)))
+            return out
 
-    model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
+    if model is None:
+        model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
     model.whiten.bias.requires_grad = True
-    x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).contiguous(
+        memory_format=torch.channels_last)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
     with Ops() as ops:
-        loss_fn(model(x.contiguous(memory_format=torch.channels_last)), torch.tensor([0, 1, 2, 3])).backward()
-    assert "convolution_backward" in ops.seen  # the probe sees the backward pass
-    assert not ops.seen & set(CUDA_NONDETERMINISTIC), ops.seen & set(CUDA_NONDETERMINISTIC)
+        with hw2.autocast_ctx("cpu", precision):
+            loss = loss_fn(model(x).float(), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+    return ops.seen
+
+
+def test_training_step_calls_no_cuda_nondeterministic_kernel():
+    seen = {name.split(".")[0] for name, _, _ in _one_training_step()}
+    assert "convolution_backward" in seen  # the probe sees the backward pass
+    assert not seen & set(CUDA_NONDETERMINISTIC), seen & set(CUDA_NONDETERMINISTIC)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -495,39 +509,20 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
     CPU; and every convolution and BatchNorm gets its input channels-last (an NCHW one would be
     converted inside the kernel, where no dispatch mode sees it). The GPU's other copies are
     inside its kernels (BENCHMARKS.md, 2026-11-30, third session)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     copy_ops = {"copy_", "_to_copy", "clone", "cat", "stack", "contiguous", "_copy_from"}
-
-    class Copies(TorchDispatchMode):
-        seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] in copy_ops:
-                self.seen.append((func.__name__, args[0].dtype, out.dtype))
-            return out
-
     model = hw2.Net((8, 16, 16)).to(memory_format=torch.channels_last)
-    model.whiten.bias.requires_grad = True
     layouts = []
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
             m.register_forward_pre_hook(
                 lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    # train() makes each epoch's images channels-last once, before its steps
-    x = hw2.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).contiguous(
-        memory_format=torch.channels_last)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")
-    with Copies() as ops:
-        with hw2.autocast_ctx("cpu", "bf16" if autocast else "fp32"):
-            out = model(x)
-            loss = loss_fn(out.float(), torch.tensor([0, 1, 2, 3]))
-        loss.backward()
+    ops = _one_training_step(model, "bf16" if autocast else "fp32")
+    seen = [op for op in ops if op[0].split(".")[0] in copy_ops]
     assert len(layouts) == 1 + 3 * 6 and all(layouts), layouts  # the stem, 3 convs and 3 norms a group
     if not autocast:
-        assert ops.seen == []
+        assert seen == []
     else:
-        assert ops.seen and all(name.startswith("_to_copy") and a != b for name, a, b in ops.seen), ops.seen
+        assert seen and all(name.startswith("_to_copy") and a != b for name, a, b in seen), seen
 
 
 @pytest.mark.parametrize("bad", ["-1", "soon"])

@@ -103,9 +103,11 @@ def test_pool_bench_verdict_lines(capsys, monkeypatch):
 
 def test_warm_runs_compare_pairs_seeds_and_times():
     warm = _tool("warm_runs")
-    by_variant = {"preset": {0: 0.90, 1: 0.92, 2: 0.91}, "b": {0: 0.91, 1: 0.91, 2: 0.93}}
-    seconds = {"preset": [2.0, 2.2], "b": [2.1, 2.3, 2.2]}  # the preset's first run was the cold one
-    base, b = warm.compare(by_variant, seconds)
+    acc = {"preset": {0: 0.90, 1: 0.92, 2: 0.91}, "b": {0: 0.91, 1: 0.91, 2: 0.93}}
+    seconds = {"preset": [9.9, 2.0, 2.2], "b": [2.1, 2.3, 2.2]}  # the preset's first run is the cold one
+    rows = [dict(label=label, seed=seed, acc=acc[label][seed], train=seconds[label][seed] - 0.5, predict=0.5,
+                 warm=(label, seed) != ("preset", 0)) for seed in range(3) for label in ("preset", "b")]
+    base, b = warm.compare(rows)
     assert (base["paired"], base["worse"], base["time_ratio"]) == (0.0, 0, 1.0)
     assert b["paired"] == pytest.approx(0.02 / 3) and (b["worse"], b["n_paired"]) == (1, 3)
     assert b["warm_median"] == pytest.approx(2.2) and b["time_ratio"] == pytest.approx(2.2 / 2.1)

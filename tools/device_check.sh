@@ -150,7 +150,7 @@ fi
 # end to end"): its warm train + predict median no slower than PyTorch's pool's in the same process,
 # and its mean accuracy, paired over the seeds, no more than 0.2 % below (device_summary's rules)
 if [ -z "${POOL_CANDIDATES+set}" ] && [ -f "$OUT/pool.txt" ]; then
-  POOL_CANDIDATES=$(grep -E "^POOL verdict fast [a-z]+ pass" "$OUT/pool.txt" | awk '{print $4}' | tr '\n' ' ')
+  POOL_CANDIDATES=$("$PY" tools/device_summary.py passed "$OUT")  # the rules' own reading of pool.txt
 fi
 POOL_CANDIDATES=${POOL_CANDIDATES:-}
 if [[ " $PHASES " == *" pooltune "* ]] && [ -z "${POOL_CANDIDATES// /}" ]; then

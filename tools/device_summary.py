@@ -3,6 +3,7 @@
 
     device_summary.py run NAME METRICS_JSON T0 T1 "FLAGS"   -> one JSON line on stdout
     device_summary.py line  < one JSON line                 -> one readable line
+    device_summary.py passed OUT_DIR                        -> the pool candidates that passed (pooltune's)
     device_summary.py summary RUNS_JSONL LOG                -> what BENCHMARKS.md needs, per question
                                                                (and the tune/pooltune rules' verdicts,
                                                                from tune.json, pooltune.json beside it)
@@ -121,12 +122,12 @@ def pool_passed(out_dir):
     """The candidates pool_bench passed at fast's pools in this call (pool.txt's verdict lines)."""
     path = os.path.join(out_dir, "pool.txt")
     lines = open(path).read().splitlines() if os.path.exists(path) else []
-    return {x.split()[3] for x in lines if re.match(r"POOL verdict fast \S+ pass", x)}
+    return sorted(x.split()[3] for x in lines if re.match(r"POOL verdict fast \S+ pass", x))
 
 
 def rules(out_dir):
     """ADOPT or KEEP per variant of the tune and pooltune phases, each test shown with its figure."""
-    out = []
+    out, passed = [], pool_passed(out_dir)
     for fname, phase in (("tune.json", "tune"), ("pooltune.json", "pooltune")):
         path = os.path.join(out_dir, fname)
         if not os.path.exists(path):
@@ -150,7 +151,7 @@ def rules(out_dir):
                 adopt = "ADOPT (then confirm on the harness split in a later call)"
             else:
                 name = v.get("overrides", {}).get("pool")
-                checks += [(name in pool_passed(out_dir), "passed pool's kernel test in this call"),
+                checks += [(name in passed, "passed pool's kernel test in this call"),
                            (v["paired"] >= POOL_MAX_LOSS - EPS, f"paired difference {v['paired']:+.4f} >= {POOL_MAX_LOSS}"),
                            (v["time_ratio"] <= POOL_MAX_TIME + EPS, f"warm time {ratio} <= {POOL_MAX_TIME}x")]
                 adopt = "ADOPT into hw2.py for fast on a GPU (full ties more under cutout: priced on its own)"
@@ -249,6 +250,8 @@ if __name__ == "__main__":
         run(*sys.argv[2:7])
     elif cmd == "line":
         print(line(json.loads(sys.stdin.read())))
+    elif cmd == "passed":
+        print(" ".join(pool_passed(sys.argv[2])))
     elif cmd == "summary":
         summary(sys.argv[2], sys.argv[3])
     else:

@@ -169,27 +169,24 @@ def main():
     # seed by seed, every variant in turn: a drift over the process (clocks, allocator) is shared
     # by all variants instead of landing on the last; the first run (cold) is the first variant's
     runs = [(label, over, int(seed)) for seed in a.seeds.split(",") for label, over in variants]
-    cold, by_variant, seconds, rows = None, {}, {}, []  # seconds: each variant's warm runs (train + predict)
+    rows = []  # every run: its figures, its variant, and whether it was warm
     for i, (label, over, seed) in enumerate(runs):
         hpv = dict(hp, **{k: v for k, v in over.items() if k != "pool"})
         epochs = over.get("epochs") or a.epochs or hpv["epochs"]  # a variant's own epochs win
         with pools(over.get("pool", "torch")):
             r = one_run(data, test, hpv, hw, a.preset, seed, epochs)
-        by_variant.setdefault(label, {})[seed] = r["acc"]  # a repeated seed counts once
-        rows.append(dict(r, label=label, run=i, warm=i > 0))
-        if i == 0:  # the first run of the process pays its one-off costs
-            cold = r["train"] + r["predict"]
-        else:
-            seconds.setdefault(label, []).append(r["train"] + r["predict"])
+        r = dict(r, label=label, run=i, warm=i > 0)  # the first run of the process pays its one-off costs
+        rows.append(r)
         print(f"WARM {a.preset} [{label}] run {i} ({'cold' if i == 0 else 'warm'}) seed {r['seed']} | "
               f"{name} | torch {torch.__version__} | {scored} acc {r['acc']:.4f} | train {r['train']:.2f} s "
               f"+ predict {r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch "
               f"{r['first_epoch']:.2f} s | pool {r['pool']} | sha {r['sha'][:12]}", flush=True)
-    warm = [t for ts in seconds.values() for t in ts]
+    cold = rows[0]["train"] + rows[0]["predict"]
+    warm = [r["train"] + r["predict"] for r in rows if r["warm"]]
     if warm:
         print(f"WARM {a.preset} summary | cold {cold:.2f} s | warm median {statistics.median(warm):.2f} s "
               f"over {len(warm)} runs")
-    stats = [dict(v, overrides=dict(variants)[v["label"]]) for v in compare(by_variant, seconds)]
+    stats = [dict(v, overrides=dict(variants)[v["label"]]) for v in compare(rows)]
     for v in stats:
         print(f"WARM {a.preset} variant [{v['label']}] | {scored} acc mean {v['mean']:.4f} over seeds {v['seeds']} | "
               f"vs the first variant {v['paired']:+.4f} (paired over {v['n_paired']} seeds, worse on {v['worse']}) | "
@@ -199,11 +196,17 @@ def main():
                                     seeds=a.seeds, cold=cold, runs=rows, variants=stats))
 
 
-def compare(by_variant, seconds):
-    """Per variant: mean accuracy over its distinct seeds; the mean paired difference from the first
-    variant and on how many of those seeds it scored lower; its warm runs' median seconds and their
+def compare(rows):
+    """Per variant (in the order of the runs): mean accuracy over its distinct seeds (a repeated
+    seed counts once, its last run); the mean paired difference from the first variant and on how
+    many of those seeds it scored lower; its warm runs' median train + predict seconds and their
     ratio to the first variant's (nan where a variant has no warm run)."""
     nan = float("nan")
+    by_variant, seconds = {}, {}
+    for r in rows:
+        by_variant.setdefault(r["label"], {})[r["seed"]] = r["acc"]
+        if r["warm"]:
+            seconds.setdefault(r["label"], []).append(r["train"] + r["predict"])
     med = {label: statistics.median(ts) for label, ts in seconds.items()}
     first_label = next(iter(by_variant))
     first = by_variant[first_label]
