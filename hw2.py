@@ -3139,6 +3139,13 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     `stats` (a dict, optional) receives what the run cost: checkpoint saves, seconds, bytes."""
     stats = {} if stats is None else stats
     device, precision = hw["device"], hw["precision"]
+    t_enter = time.time()
+    train_seconds = stats.setdefault("seconds", {})  # metrics.json: seconds.train_cuda_init, train_setup
+    if device == "cuda":
+        # CUDA start-up and its context (the first CUDA call below would pay it anyway), timed on
+        # its own; ~0 where CUDA is already up (several GPUs: each rank's set_device did it)
+        torch.cuda.synchronize()
+    train_seconds["cuda_init"] = round(time.time() - t_enter, 3) if device == "cuda" else 0.0
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     train_x = torch.from_numpy(data["train_x"]).to(device)
@@ -3187,6 +3194,8 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         log(_epoch_line(row))
     every = getattr(cfg, "checkpoint_every", CHECKPOINT_EVERY_S)
     t_saved, ckpt = time.time(), stats.setdefault("checkpoint", dict(saves=0, seconds=0.0, bytes=0))
+    # upload, net, whitening (it syncs), optimizer (and a --resume's checkpoint): before epoch 1
+    train_seconds["setup"] = round(t_saved - t_enter - train_seconds["cuda_init"], 3)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         model.train()
@@ -3478,7 +3487,9 @@ if RUN and not CFG.answers_only:
         train_acc=HISTORY[-1]["train_acc"] if HISTORY else None, val_acc=VAL_ACC, test_acc=TEST_ACC,
         tta=HP["tta"], history=HISTORY,
         seconds=dict(answers=round(T_ANSWERS, 2), data=round(T_DATA, 2), precision=round(T_PRECISION, 2),
-                     train=round(T_TRAIN, 2), predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2)),
+                     train=round(T_TRAIN, 2), predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2),
+                     # parts of `train` (--predict-only: none): the CUDA context, the set-up before epoch 1
+                     **{f"train_{k}": v for k, v in TRAIN_STATS.get("seconds", {}).items()}),
     )
     if not CFG.skip_answers:
         write_json(os.path.join(CFG.output_dir, "answers.json"), ANSWERS)

@@ -249,6 +249,28 @@ def test_smoke_training_loss_falls(tmp_path):
     assert os.path.isfile(tmp_path / "checkpoint.pt")
 
 
+def test_train_times_its_setup_apart_from_its_epochs(tmp_path, monkeypatch):
+    """metrics.json splits the train time: the set-up before epoch 1 (upload, net, whitening,
+    optimizer) is timed apart from the epochs, and the CPU never creates a CUDA context."""
+    import time
+
+    whiten, pause = hw2.init_whitening, 2.0  # far longer than a smoke epoch of 4 steps takes (~0.1 s)
+    monkeypatch.setattr(hw2, "init_whitening", lambda *a: (time.sleep(pause), whiten(*a)))
+    monkeypatch.setattr(torch.cuda, "init", lambda: pytest.fail("CUDA initialised on the CPU"))
+    x, y = hw2.synthetic_cifar(256, seed=0)
+    data = dict(train_x=x, train_y=y, val_x=x[:0], val_y=y[:0])
+    stats = {}
+    t0 = time.time()
+    _, history = hw2.train(data, dict(hw2.PRESETS["smoke"]), dict(device="cpu", precision="fp32", compile=False),
+                           _cfg(tmp_path, checkpoint_every=1e9), epochs=2, batch_size=64, log=lambda s: None,
+                           stats=stats)
+    wall = time.time() - t0
+    parts = stats["seconds"]
+    assert parts["cuda_init"] < 0.01 and parts["setup"] >= pause
+    assert all(r["seconds"] < pause for r in history), history  # the pause is in the set-up, in no epoch
+    assert parts["cuda_init"] + parts["setup"] + sum(r["seconds"] for r in history) <= wall
+
+
 def test_smoke_end_to_end_with_real_data(cifar_dir, tmp_path):
     test = np.random.default_rng(3).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "test.npy", test)

@@ -87,6 +87,11 @@ def test_base_run_positive_control(base):
     native, speedup = hw2.cpu_native_bf16(), metrics["cpu"]["bf16_speedup"]
     assert (speedup is not None) is native  # measured only where bf16 is native
     assert (metrics["seconds"]["precision"] > 0.05) is native  # ... and its seconds are reported
+    # the train time's parts: no CUDA context on the CPU; the set-up, the epochs and the
+    # checkpoints within it, the rest (BatchNorm recount, model.pt) what is left
+    sec, ckpt = metrics["seconds"], metrics["checkpoint"]["seconds"]
+    assert sec["train_cuda_init"] == 0.0 and sec["train_setup"] > 0
+    assert sec["train_setup"] + sum(r["seconds"] for r in metrics["history"]) + ckpt <= sec["train"] + 0.01
     # --resume and --predict-only read the precision back instead of measuring again
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["precision"] == metrics["precision"]

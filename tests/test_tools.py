@@ -167,3 +167,94 @@ def test_pooltune_rule_wants_the_kernel_test_no_loss_and_no_slowdown(tmp_path):
     assert "ADOPT into hw2.py for fast" in got["pool=mask"]
     assert "passed pool's kernel test in this call: NO" in got["pool=pair"]
     assert "KEEP" in got["mask lossy"] and "KEEP" in got["mask slow"]
+
+
+@pytest.mark.parametrize("val_size", [0, 200])
+def test_warm_runs_writes_hw2s_own_bytes(tmp_path, tiny_cifar_dir, val_size):
+    """warm_runs.py restates hw2.py's main path (train, the model.pt save, TTA prediction, the
+    checked submission.csv) so as to time it warm in one process: what it measures must be what
+    hw2.py does. A seed's submission must match hw2.py's byte for byte, on the harness's layout
+    (a test_batch beside the training batches, none held out) and on the tuning split
+    (--val-size N scores the N images hw2.py's split holds out: hw2.py predicts the same images
+    when they are handed to it as test.npy). Fails if either side changes its data order, split,
+    preset or prediction without the other; on the CPU, in fp32 (the GPU's fp16 path runs the
+    same code, but no test compares the two there)."""
+    import json
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import run_hw2
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    shutil.copytree(tiny_cifar_dir, folder)
+    g = np.random.default_rng(1)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"batch_label": b"t", b"labels": [int(v) for v in g.integers(0, 10, 100)],
+                     b"data": g.integers(0, 256, (100, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * 100}, f)
+    # quick, 1 epoch (fp32 on the CPU, as warm_runs runs there): 1 step of 512 at 16/64/128
+    args = ["--preset", "quick", "--precision", "fp32", "--epochs", "1", "--seed", "3", "--skip-answers",
+            "--data-dir", tmp_path / "data", "--val-size", val_size, "--output-dir", tmp_path / "hw2"]
+    if val_size:
+        x, y, _ = hw2.load_cifar_train(str(folder))
+        np.save(tmp_path / "val.npy", hw2.split_train_val(x, y, val_size)[2])
+        args += ["--test-npy", tmp_path / "val.npy"]
+    r = run_hw2(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = json.loads((tmp_path / "hw2" / "metrics.json").read_text())["submission_sha256"]
+    w = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "warm_runs.py"), "--preset", "quick",
+                        "--data-dir", str(tmp_path / "data"), "--seeds", "3", "--epochs", "1",
+                        "--val-size", str(val_size), "--json", str(tmp_path / "warm.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert w.returncode == 0, w.stderr[-2000:]
+    (run,) = json.loads((tmp_path / "warm.json").read_text())["runs"]
+    assert (run["sha"], run["seed"], run["pool"]) == (want, 3, "torch")
+
+
+def test_device_check_refuses_an_unknown_phase_before_any_work(tmp_path):
+    """A misspelt (or retired) phase in PHASES would be skipped in silence, and with it the
+    card's minutes: the script stops before it writes or removes anything (an earlier call's
+    results stay), and its list of phases is the set it runs."""
+    import re
+    import subprocess
+
+    script = os.path.join(ROOT, "tools", "device_check.sh")
+    text = open(script).read()
+    known = set(re.search(r'KNOWN_PHASES="([^"]+)"', text).group(1).split())
+    ran = set(re.findall(r'^(?:if|elif) phase ([a-z0-9]+) ', text, re.M))
+    assert known == ran, (known ^ ran)
+    env = dict(os.environ, PHASES="preflight fastepochs", DRY="1", OUT=str(tmp_path / "out"), W=str(tmp_path / "w"))
+    r = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "unknown phase 'fastepochs'" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()  # nothing written or removed
+
+
+def test_device_summary_splits_a_fresh_processs_train_time(tmp_path, capsys):
+    import json
+
+    ds = _tool("device_summary")
+    m = dict(device_name="NVIDIA H200", torch="2.11", preset="fast", seed=0, epochs=7, test_acc=0.91,
+             history=[dict(seconds=0.95)] + [dict(seconds=0.28)] * 6, checkpoint=dict(saves=1, seconds=0.05),
+             seconds=dict(train=3.2, predict=0.3, train_cuda_init=0.25, train_setup=0.15))
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    ds.run("fast_s0", str(tmp_path / "metrics.json"), "0", "0", "--preset fast")
+    row = json.loads(capsys.readouterr().out)
+    parts = ds.train_parts(row)
+    assert parts == pytest.approx(dict(cuda_init=0.25, setup=0.15, first_epoch=0.95, later_epochs=1.68,
+                                       checkpoints=0.05, rest=0.12))
+    assert sum(parts.values()) == pytest.approx(row["train_s"])
+    one = dict(m, history=m["history"][:1])  # one epoch: no later ones, not a rounding remainder
+    (tmp_path / "metrics.json").write_text(json.dumps(one))
+    ds.run("fast_s0", str(tmp_path / "metrics.json"), "0", "0", "--preset fast")
+    assert ds.train_parts(json.loads(capsys.readouterr().out))["later_epochs"] == 0.0
+    line = ds.parts_line([row, dict(row, predict_s=0.5)])
+    assert "cuda init 0.25 + setup 0.15" in line and "rest 0.12 s" in line and "predict 0.40 s" in line
+    # a metrics.json from before the parts were recorded: no split, no line
+    old = {k: v for k, v in row.items() if k not in ("cuda_init_s", "setup_s", "later_epochs_s")}
+    assert ds.train_parts(old) is None and ds.parts_line([old]) is None
+    # a --resume'd run: its history holds an earlier process's epochs, more than its train time
+    resumed = dict(row, later_epochs_s=row["later_epochs_s"] + 1.0)
+    assert ds.train_parts(resumed) is None and ds.parts_line([resumed, row]).endswith("(mean of 1 fresh processes)")

@@ -40,8 +40,37 @@ def run(name, metrics_path, t0, t1, flags):
                tflops_epoch=float(f"{per_epoch / statistics.median(later) / 1e12:.3g}") if flops else None,
                first_epoch_s=hist[0]["seconds"] if hist else None, checkpoint=m.get("checkpoint"),
                fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"), widths=m.get("widths"),
-               cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2))
+               cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2),
+               later_epochs_s=round(sum(r["seconds"] for r in hist[1:]), 3),
+               cuda_init_s=s.get("train_cuda_init"), setup_s=s.get("train_setup"))
     print(json.dumps(row))
+
+
+def train_parts(r):
+    """A run's train seconds in parts: CUDA's start-up, the set-up before epoch 1, the first
+    epoch, the later ones, the checkpoints, and the rest (the BatchNorm recount and the model.pt
+    save, which a warm run pays too; also a failed out-of-memory attempt, and with several GPUs
+    the start of the ranks). None where metrics.json predates the parts, or for a --resume'd run
+    (its history holds epochs timed in an earlier process: the rest would come out negative)."""
+    if any(r.get(k) is None for k in ("setup_s", "first_epoch_s", "later_epochs_s")):
+        return None
+    ckpt = (r.get("checkpoint") or {}).get("seconds", 0.0)
+    parts = dict(cuda_init=r["cuda_init_s"], setup=r["setup_s"], first_epoch=r["first_epoch_s"],
+                 later_epochs=r["later_epochs_s"], checkpoints=ckpt)
+    parts["rest"] = r["train_s"] - sum(parts.values())
+    return parts if parts["rest"] > -0.01 else None  # train_s is rounded to 0.01 s
+
+
+def parts_line(rs):
+    """The mean of the runs' train parts, and of their predict seconds: where a fresh process's
+    train + predict goes (tools/warm_runs.py's warm runs pay no CUDA start-up and no first-call costs)."""
+    split = [(p, r) for p, r in ((train_parts(r), r) for r in rs) if p]
+    if not split:
+        return None
+    mean = {k: statistics.mean(p[k] for p, _ in split) for k in split[0][0]}
+    pred = statistics.mean(r["predict_s"] for _, r in split)
+    return (f"train = " + " + ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in mean.items())
+            + f" s; predict {pred:.2f} s (mean of {len(split)} fresh processes)")
 
 
 def line(r):
@@ -53,7 +82,8 @@ def line(r):
             f"{r['tflops_train']} TFLOP/s (train), {r['tflops_epoch']} (median later epoch) | "
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
             f"checkpoint {r['checkpoint']} | det {r['deterministic']} autotune {r.get('autotune')} compile {r['compile']} "
-            f"graph {r.get('cuda_graph')} | epochs sum {r.get('epochs_s')} s | sha {str(r['sha256'])[:12]}")
+            f"graph {r.get('cuda_graph')} | epochs sum {r.get('epochs_s')} s | cuda init {r.get('cuda_init_s')} s, "
+            f"set-up {r.get('setup_s')} s | sha {str(r['sha256'])[:12]}")
 
 
 def mean_sd(v):
@@ -175,6 +205,9 @@ def summary(runs_path, log_path):
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
             out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
+            parts = parts_line(rs)
+            if parts:
+                out.append(f"  {preset}: {parts}")
     out += verdicts(anchors, ok)
     out += rules(os.path.dirname(os.path.abspath(runs_path)))
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):

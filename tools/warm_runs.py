@@ -150,6 +150,8 @@ def main():
     cuda = torch.cuda.is_available()
     hw2.configure_determinism(False, "off")
     hw = dict(device="cuda" if cuda else "cpu", precision="fp16" if cuda else "fp32", compile=False)
+    if not cuda:  # as hw2.py: the threads it may use (a thread count can change CPU results' last bits)
+        torch.set_num_threads(hw2.usable_cpus())
     hp = hw2.preset_hparams(a.preset, hw)
     variants = [(text or "preset", parse_variant(text, hp)) for text in a.variant or [""]]
     labels = [label for label, _ in variants]
