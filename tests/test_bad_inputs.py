@@ -201,12 +201,14 @@ def _npy_truncated(p):
     open(p, "wb").write(raw[:len(raw) // 2])
 
 
-def _sample_mismatch(tmp, tiny):
-    t = write_test_npy(tmp / "test.npy", n=50)
-    s = str(tmp / "sample_submission.csv")
-    pd.DataFrame({"id": range(49), "label": 0}).to_csv(s, index=False)
-    return Built(["--test-npy", t, "--data-dir", tiny], s, "49 rows but the test set has 50 images",
-                 lambda: hw2.read_sample_submission(t, 50))
+def sample_case(make, phrase):
+    """`make(path)` writes a bad sample_submission.csv beside a valid 50-image test.npy."""
+    def build(tmp, tiny):
+        t = write_test_npy(tmp / "test.npy", n=50)
+        s = str(tmp / "sample_submission.csv")
+        make(s)
+        return Built(["--test-npy", t, "--data-dir", tiny], s, phrase, lambda: hw2.read_sample_submission(t, 50))
+    return build
 
 
 @dataclass
@@ -279,7 +281,18 @@ CASES = [
                                    r"integer values outside 0\.\.255")),
     Case("npy_bool", npy_case(lambda p: np.save(p, np.zeros((10, 32, 32, 3), bool)), "not numeric")),
     # --- sample_submission.csv beside test.npy
-    Case("sample_row_count_mismatch", _sample_mismatch),
+    Case("sample_row_count_mismatch", sample_case(
+        lambda s: pd.DataFrame({"id": range(49), "label": 0}).to_csv(s, index=False),
+        "49 rows but the test set has 50 images")),
+    Case("sample_one_column", sample_case(
+        lambda s: pd.DataFrame({"id": range(50)}).to_csv(s, index=False), "expected an id column and a label column")),
+    Case("sample_empty_file", sample_case(lambda s: open(s, "w").close(), "expected an id column and a label column")),
+    Case("sample_binary_bytes", sample_case(lambda s: open(s, "wb").write(b"\xff\xfe\x00\x81" * 64), "unreadable CSV")),
+    Case("sample_short_row", sample_case(
+        lambda s: open(s, "w").write("id,label\n" + "".join(f"{i},0\n" for i in range(49)) + "49\n"),
+        "line 51 has one field")),
+    Case("sample_duplicate_ids", sample_case(
+        lambda s: pd.DataFrame({"id": [0] * 50, "label": 0}).to_csv(s, index=False), "ids are not unique")),
 ]
 
 
@@ -481,32 +494,64 @@ def test_empty_env_data_dir_means_unset(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ sample_submission.csv
 
-def test_make_submission_follows_sample_ids_and_columns():
-    sample = pd.DataFrame({"id": [2, 0, 1], "label": [0, 0, 0]})
-    sub = hw2.make_submission(np.array([5, 6, 7]), sample)
-    assert list(sub.columns) == ["id", "label"]
-    assert sub["id"].tolist() == [2, 0, 1]
-    assert sub["label"].tolist() == [7, 5, 6]  # id k gets image k's prediction
-
-
-def test_make_submission_non_index_ids_keep_row_order():
-    sample = pd.DataFrame({"ImageId": ["c", "a", "b"], "Label": [0, 0, 0]})
-    sub = hw2.make_submission(np.array([5, 6, 7]), sample)
-    assert sub["ImageId"].tolist() == ["c", "a", "b"] and sub["Label"].tolist() == [5, 6, 7]
-
-
-def test_make_submission_object_labels_become_class_names():
-    sample = pd.DataFrame({"id": [0, 1], "label": pd.Series(["cat", "cat"], dtype=object)})
-    sub = hw2.make_submission(np.array([0, 9]), sample)
-    assert sub["label"].tolist() == ["airplane", "truck"]
-
-
-def test_make_submission_csv_string_labels_become_class_names(tmp_path):
-    # pandas >= 3 reads strings with the 'str' dtype, not object: names must still be used
+def _sample(tmp_path, **columns):
+    """A sample_submission.csv as Kaggle would give one (written by pandas), read by hw2."""
     p = tmp_path / "sample_submission.csv"
-    pd.DataFrame({"id": [0, 1], "label": ["cat", "cat"]}).to_csv(p, index=False)
-    sub = hw2.make_submission(np.array([0, 9]), pd.read_csv(p))
-    assert sub["label"].tolist() == ["airplane", "truck"]
+    pd.DataFrame(columns).to_csv(p, index=False)
+    return hw2.read_sample_csv(str(p))
+
+
+def test_make_submission_follows_sample_ids_and_columns(tmp_path):
+    sub = hw2.make_submission(np.array([5, 6, 7]), _sample(tmp_path, id=[2, 0, 1], label=[0, 0, 0]))
+    assert sub["columns"] == ["id", "label"]
+    assert sub["ids"] == ["2", "0", "1"]  # as the sample writes them
+    assert sub["labels"] == [7, 5, 6]  # id k gets image k's prediction
+
+
+def test_make_submission_non_index_ids_keep_row_order(tmp_path):
+    sub = hw2.make_submission(np.array([5, 6, 7]), _sample(tmp_path, ImageId=["c", "a", "b"], Label=[0, 0, 0]))
+    assert sub["ids"] == ["c", "a", "b"] and sub["labels"] == [5, 6, 7]
+
+
+def test_make_submission_name_labels_become_class_names(tmp_path):
+    sub = hw2.make_submission(np.array([0, 9]), _sample(tmp_path, id=[0, 1], label=["cat", "cat"]))
+    assert sub["labels"] == ["airplane", "truck"]
+
+
+def test_sample_files_are_read_as_pandas_read_them(tmp_path):
+    """What the earlier reader (pandas.read_csv) accepted without fuss: a UTF-8 BOM, Windows line
+    ends, a blank and a whitespace-only line, and labels left empty (numbers to fill in, not
+    class names)."""
+    p = tmp_path / "sample_submission.csv"
+    p.write_bytes(b"\xef\xbb\xbfId,Category\r\n2,\r\n\r\n0,\r\n   \r\n1,\r\n")
+    old = pd.read_csv(p)
+    sample = hw2.read_sample_csv(str(p))
+    assert sample["columns"] == list(old.columns) == ["Id", "Category"]
+    assert [int(i) for i in sample["ids"]] == old["Id"].tolist() == [2, 0, 1]
+    sub = hw2.make_submission(np.array([5, 6, 7]), sample)
+    assert pd.api.types.is_numeric_dtype(old["Category"]) and sub["labels"] == [7, 5, 6]
+    for ids in (["²", "0", "1"], ["٢", "0", "1"]):  # digits, but no image index: rows keep their order
+        sub = hw2.make_submission(np.array([5, 6, 7]), dict(sample, ids=ids))
+        assert sub["labels"] == [5, 6, 7]
+
+
+def test_submission_file_round_trips_through_pandas(tmp_path):
+    """What write_submission writes is what pandas (Kaggle's reader) reads: the sample's header,
+    its ids as written (quoted where they hold a comma), one label per image."""
+    sample = _sample(tmp_path, **{"image id": ["b,1", "a", "007"], "label": ["cat", "dog", "cat"]})
+    hw2.write_submission(str(tmp_path / "submission.csv"), hw2.make_submission(np.array([1, 2, 3]), sample))
+    back = pd.read_csv(tmp_path / "submission.csv", dtype=str)
+    assert list(back.columns) == ["image id", "label"]
+    assert back["image id"].tolist() == ["b,1", "a", "007"] and back["label"].tolist() == ["automobile", "bird", "cat"]
+
+
+def test_default_submission_bytes_are_those_pandas_wrote(tmp_path):
+    """The no-sample submission, byte for byte what the earlier pandas writer gave
+    (DataFrame.to_csv(index=False)): the sha256 recorded in earlier runs stays comparable."""
+    preds = np.random.default_rng(0).integers(0, 10, 1000)
+    hw2.write_submission(str(tmp_path / "submission.csv"), hw2.make_submission(preds))
+    want = pd.DataFrame({"Id": np.arange(1000), "Category": preds.astype(int)}).to_csv(index=False)
+    assert (tmp_path / "submission.csv").read_bytes() == want.encode()
 
 
 @pytest.fixture(scope="module")

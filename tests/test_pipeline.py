@@ -211,23 +211,28 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 # ---------------------------------------------------------------- submission
 def test_submission_default_format():
     sub = hw2.make_submission(np.array([3, 1, 4, 1, 5]))
-    assert list(sub.columns) == ["Id", "Category"]
-    assert sub["Id"].tolist() == [0, 1, 2, 3, 4] and sub["Category"].tolist() == [3, 1, 4, 1, 5]
+    assert sub["columns"] == ["Id", "Category"]
+    assert sub["ids"] == [0, 1, 2, 3, 4] and sub["labels"] == [3, 1, 4, 1, 5]
 
 
 def test_submission_copies_sample_ids_and_class_names():
-    sample = pd.DataFrame({"id": [2, 0, 1], "label": ["cat", "cat", "cat"]})
+    sample = dict(columns=["id", "label"], ids=["2", "0", "1"], labels=["cat", "cat", "cat"])
     sub = hw2.make_submission(np.array([0, 1, 9]), sample)
-    assert list(sub.columns) == ["id", "label"]
-    assert sub["id"].tolist() == [2, 0, 1]
-    assert sub["label"].tolist() == ["truck", "airplane", "automobile"]  # id k -> image k
+    assert sub["columns"] == ["id", "label"]
+    assert sub["ids"] == ["2", "0", "1"]
+    assert sub["labels"] == ["truck", "airplane", "automobile"]  # id k -> image k
 
 
 def test_submission_check_rejects_bad_labels():
-    with pytest.raises(AssertionError):
-        hw2.check_submission(pd.DataFrame({"Id": [0, 1], "Category": [0, 10]}), 2)
-    with pytest.raises(AssertionError):
-        hw2.check_submission(pd.DataFrame({"Id": [0, 1], "Category": [0, 1]}), 3)
+    with pytest.raises(AssertionError, match="out of range"):
+        hw2.check_submission(dict(columns=["Id", "Category"], ids=[0, 1], labels=[0, 10]), 2)
+    with pytest.raises(AssertionError, match="rows"):
+        hw2.check_submission(dict(columns=["Id", "Category"], ids=[0, 1], labels=[0, 1]), 3)
+    with pytest.raises(AssertionError, match="not unique"):
+        hw2.check_submission(dict(columns=["Id", "Category"], ids=["a", "a"], labels=[0, 1]), 2)
+    with pytest.raises(AssertionError, match="unknown class names"):
+        hw2.check_submission(dict(columns=["Id", "Category"], ids=[0, 1], labels=["cat", "kitten"]), 2)
+    hw2.check_submission(dict(columns=["Id", "Category"], ids=[0, 1], labels=["cat", "truck"]), 2)  # control
 
 
 # ---------------------------------------------------------------- training
@@ -327,4 +332,4 @@ def test_smoke_dry_run_slices_a_found_test_set_and_drops_its_sample(tmp_path, mo
     data = hw2.load_data(cfg, hw2.PRESETS["smoke"])
     assert len(data["test_x"]) == hw2.PRESETS["smoke"]["n_test"] and data["sample"] is None
     assert np.array_equal(data["test_x"], images[:96].transpose(0, 3, 1, 2))
-    assert len(hw2.make_submission(np.zeros(96, int), data["sample"])) == 96
+    assert len(hw2.make_submission(np.zeros(96, int), data["sample"])["ids"]) == 96

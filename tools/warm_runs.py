@@ -119,9 +119,8 @@ def one_run(data, test, hp, hw, preset, seed, epochs):
     t0 = time.time()  # as hw2.py: TTA prediction + the checked, atomically written submission.csv
     pred = hw2.predict_logits(model, test[0], hw["device"], hw["precision"], tta=hp["tta"],
                               batch_size=hp["batch_size"]).argmax(1).numpy()
-    sub = hw2.make_submission(pred)
     path = os.path.join(out, "submission.csv")
-    hw2.atomic_write(path, lambda f: sub.to_csv(f, index=False))
+    hw2.write_submission(path, hw2.make_submission(pred))
     t_predict = time.time() - t0
     row = dict(seed=seed, acc=float((pred == test[1]).mean()), train=t_train, predict=t_predict,
                first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path),
