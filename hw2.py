@@ -3160,11 +3160,12 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     device, precision = hw["device"], hw["precision"]
     t_enter = time.time()
     train_seconds = stats.setdefault("seconds", {})  # metrics.json: seconds.train_cuda_init, train_setup
+    train_seconds["cuda_init"] = 0.0
     if device == "cuda":
         # CUDA start-up and its context (the first CUDA call below would pay it anyway), timed on
         # its own; ~0 where CUDA is already up (several GPUs: each rank's set_device did it)
         torch.cuda.synchronize()
-    train_seconds["cuda_init"] = round(time.time() - t_enter, 3) if device == "cuda" else 0.0
+        train_seconds["cuda_init"] = round(time.time() - t_enter, 3)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     train_x = torch.from_numpy(data["train_x"]).to(device)

@@ -65,14 +65,18 @@ def cifar_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cifar_dir(tmp_path_factory):
     """A small, valid cifar-10-batches-py folder written in the official pickle layout."""
-    import pickle
     root = tmp_path_factory.mktemp("tiny") / "cifar-10-batches-py"
     root.mkdir()
     g = np.random.default_rng(0)
     for i in range(1, 6):
-        data = g.integers(0, 256, (200, 3072), dtype=np.uint8)
-        labels = [int(v) for v in g.integers(0, 10, 200)]
-        with open(root / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"batch_label": b"b", b"labels": labels, b"data": data,
-                         b"filenames": [b"x.png"] * 200}, f)
+        write_cifar_batch(root / f"data_batch_{i}", g, 200)
     return str(root)
+
+
+def write_cifar_batch(path, g, n):
+    """n random images and labels from generator g, pickled in the official batch layout."""
+    import pickle
+    data = g.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in g.integers(0, 10, n)]
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"b", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}, f)

@@ -180,21 +180,17 @@ def test_warm_runs_writes_hw2s_own_bytes(tmp_path, tiny_cifar_dir, val_size):
     preset or prediction without the other; on the CPU, in fp32 (the GPU's fp16 path runs the
     same code, but no test compares the two there)."""
     import json
-    import pickle
     import shutil
     import subprocess
     import sys
 
     import numpy as np
 
-    from conftest import run_hw2
+    from conftest import run_hw2, write_cifar_batch
 
     folder = tmp_path / "data" / "cifar-10-batches-py"
     shutil.copytree(tiny_cifar_dir, folder)
-    g = np.random.default_rng(1)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({b"batch_label": b"t", b"labels": [int(v) for v in g.integers(0, 10, 100)],
-                     b"data": g.integers(0, 256, (100, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * 100}, f)
+    write_cifar_batch(folder / "test_batch", np.random.default_rng(1), 100)
     # quick, 1 epoch (fp32 on the CPU, as warm_runs runs there): 1 step of 512 at 16/64/128
     args = ["--preset", "quick", "--precision", "fp32", "--epochs", "1", "--seed", "3", "--skip-answers",
             "--data-dir", tmp_path / "data", "--val-size", val_size, "--output-dir", tmp_path / "hw2"]
