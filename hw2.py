@@ -87,7 +87,20 @@ import torch.nn.functional as F
 # Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
 # Under `torchrun` every rank executes this file: ranks 1.. skip the sections and only train
 # (see "Several GPUs"), so Problems 1-3, printing and outputs happen once, on rank 0.
-TORCHRUN_RANK = int(os.environ["RANK"]) if "TORCHELASTIC_RUN_ID" in os.environ else None
+def _torchrun_int(name, at_import=False):
+    """torchrun's RANK / WORLD_SIZE (None outside torchrun); a garbled one is a one-line error."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    value = os.environ.get(name, "")
+    if not (value.isascii() and value.isdigit()):
+        message = f"torchrun's {name}={value!r}: expected a whole number"
+        if at_import:  # hw2's error hook does not exist yet: end the process with the line itself
+            sys.exit(f"hw2: error: {message}")
+        raise HW2Error(message)
+    return int(value)
+
+
+TORCHRUN_RANK = _torchrun_int("RANK", at_import=True)
 RUN = __name__ == "__main__" and not TORCHRUN_RANK
 IN_NOTEBOOK = "ipykernel" in sys.modules
 ANSWERS = {}
@@ -284,6 +297,8 @@ DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("preset", "sgd", "muon")
 ON_OFF = ("on", "off")
+MAX_SEED = 2**32 - 1  # 32-bit seeds, the range numpy and most tools document; more adds nothing here
+MAX_WIDTH = 4096      # channels per group: 8x full's widest, far past what fits a GPU's time budget
 
 
 def build_parser():
@@ -367,7 +382,8 @@ def parse_config(argv=None):
     parser = build_parser()  # bad HW2_* values raise HW2Error while building it
     warn_unknown_env(parser)
     cfg = parser.parse_args(argv)
-    if cfg.gpus != "auto" and not (str(cfg.gpus).isdigit() and int(cfg.gpus) >= 1):
+    if cfg.gpus != "auto" and not (str(cfg.gpus).isascii() and str(cfg.gpus).isdigit() and len(str(cfg.gpus)) <= 6
+                                   and int(cfg.gpus) >= 1):
         raise HW2Error(f"--gpus {cfg.gpus}: expected auto or a whole number of processes >= 1")
     if cfg.epochs is not None and int(cfg.epochs) < 1:
         raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
@@ -386,6 +402,10 @@ def parse_config(argv=None):
                        "kernels that were fastest this time, which can differ run to run")
     cfg.autotune = cfg.autotune or "off"  # measured faster end to end (configure_determinism)
     cfg.seed = int(cfg.seed)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise HW2Error(f"--seed {cfg.seed}: expected a whole number from 0 to {MAX_SEED}")
+    if cfg.output_dir == "":  # e.g. --output-dir "$OUT" with OUT unset: not the current folder
+        raise HW2Error("--output-dir '': empty; leave the flag out for the default")
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join(KAGGLE_ROOT, "working") if on_kaggle() else "outputs"
     return cfg
@@ -393,9 +413,9 @@ def parse_config(argv=None):
 
 def parse_widths(text):
     parts = str(text).replace(" ", "").split(",")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise HW2Error(f"--widths {text}: expected three whole numbers >= 1 separated by commas, "
-                       f"e.g. 128,384,512")
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 6 and 1 <= int(p) <= MAX_WIDTH for p in parts):
+        raise HW2Error(f"--widths {text}: expected three whole numbers from 1 to {MAX_WIDTH} "
+                       f"separated by commas, e.g. 128,384,512")
     return tuple(int(p) for p in parts)
 
 
@@ -497,7 +517,8 @@ def _batches_folder(path):
 def data_dir_folder(data_dir):
     """The CIFAR-10 batch folder of --data-dir, or HW2Error."""
     if not os.path.isdir(data_dir):
-        raise HW2Error(f"--data-dir {data_dir}: no such directory")
+        what = "is a file, not a directory" if os.path.exists(data_dir) else "no such directory"
+        raise HW2Error(f"--data-dir {data_dir}: {what}")
     folder = _batches_folder(data_dir)
     if folder is None:
         raise HW2Error(f"--data-dir {data_dir}: no CIFAR-10 batch files "
@@ -508,16 +529,85 @@ def data_dir_folder(data_dir):
 def existing_output(cfg, name, flag, why):
     """output-dir/name, which --resume or --predict-only needs, or HW2Error."""
     path = os.path.join(cfg.output_dir, name)
+    if os.path.isdir(path):
+        raise HW2Error(f"{flag}: {path} is a directory, not hw2's file")
     if not os.path.isfile(path):
         raise HW2Error(f"{flag}: {path} does not exist ({why})")
     return path
 
 
+# What hw2 reads back from each file it saves (by the file's name); anything else is refused.
+SAVED_KEYS = {"checkpoint.pt": ("identity", "model", "history", "epoch", "step"),
+              "model.pt": ("model", "preset", "history", "batch_size")}
+
+
 def load_checkpoint(path):
+    """checkpoint.pt or model.pt, checked before anything uses it: tensors and plain data only (no
+    code runs), hw2's keys, types and ranges, and (model.pt) finite weights; else HW2Error naming
+    the file."""
+    name = os.path.basename(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except Exception as e:
-        raise HW2Error(f"{path}: not a usable checkpoint ({type(e).__name__})") from None
+        raise HW2Error(f"{path}: not a usable {name} ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise HW2Error(f"{path}: not a usable {name} (holds a {type(saved).__name__}, not hw2's dict)")
+    missing = [k for k in SAVED_KEYS.get(name, ("model",)) if k not in saved]
+    if missing:
+        hint = ("; it is a checkpoint.pt, which --resume reads" if name == "model.pt" and "identity" in saved
+                else "; it is a model.pt, which --predict-only reads" if name == "checkpoint.pt" and "preset" in saved
+                else "")
+        raise HW2Error(f"{path}: not a usable {name} (no {', '.join(missing)}){hint}")
+    weights = saved["model"]
+    if not (isinstance(weights, dict) and all(
+            isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type == "cpu"
+            and not v.is_complex() for v in weights.values())):
+        raise HW2Error(f"{path}: not a usable {name} ('model' is not a set of weights)")
+    # model.pt only: mid-run, an fp16 step that overflowed (and was skipped) can leave inf in
+    # BatchNorm's running statistics, which the recount at the end replaces
+    if name == "model.pt" and not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
+        raise HW2Error(f"{path}: its weights hold NaN or inf (a run that diverged): train again")
+    if not _saved_fields_ok(saved):
+        raise HW2Error(f"{path}: not a usable {name} (malformed history, identity, counts or net shape)")
+    return saved
+
+
+HISTORY_FIELDS = dict(epoch=(int,), train_loss=(int, float), train_acc=(int, float),
+                      val_acc=(int, float, type(None)), lr=(int, float), seconds=(int, float))
+
+
+def _saved_fields_ok(saved):
+    """The plain fields of a checkpoint.pt / model.pt have the types and ranges hw2 writes."""
+    widths, residual = saved.get("widths", (1, 1, 1)), saved.get("residual", (True,) * 3)
+    counts = [saved.get(k, 1) for k in ("epoch", "step", "batch_size")]
+    return (isinstance(saved.get("history", []), list)
+            and all(isinstance(r, dict) and all(isinstance(r.get(k), kinds) for k, kinds in HISTORY_FIELDS.items())
+                    for r in saved.get("history", []))
+            and isinstance(saved.get("identity", {}), dict)
+            and all(type(c) is int for c in counts) and min(counts[:2]) >= 0 and counts[2] >= 1
+            and isinstance(widths, (list, tuple)) and len(widths) == 3
+            and all(type(w) is int and 1 <= w <= MAX_WIDTH for w in widths)
+            and isinstance(residual, (list, tuple)) and len(residual) == 3
+            and all(type(r) is bool for r in residual))
+
+
+def load_weights(model, weights, path):
+    """model.load_state_dict(weights), or HW2Error naming the file whose weights do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:200]
+        raise HW2Error(f"{path}: its weights do not fit this net ({detail})") from None
+
+
+def npy_file(path):
+    """--test-npy's path if it is a file, else HW2Error saying what it is instead."""
+    if os.path.isdir(path):
+        raise HW2Error(f"--test-npy {path}: is a directory, not a .npy file")
+    if not os.path.isfile(path):
+        raise HW2Error(f"--test-npy {path}: no such file")
+    return path
 
 
 def precheck_paths(cfg):
@@ -527,8 +617,8 @@ def precheck_paths(cfg):
         return
     if cfg.data_dir is not None:
         data_dir_folder(cfg.data_dir)
-    if cfg.test_npy is not None and not os.path.isfile(cfg.test_npy):
-        raise HW2Error(f"--test-npy {cfg.test_npy}: no such file")
+    if cfg.test_npy is not None:
+        npy_file(cfg.test_npy)
     if cfg.resume:
         existing_output(cfg, "checkpoint.pt", "--resume", "nothing to resume")
     if cfg.predict_only:
@@ -767,6 +857,11 @@ if RUN and not CFG.skip_answers:
 # much larger learning rates, converges faster, depends less on initialisation, and the batch
 # noise regularises mildly.**
 #
+# Ioffe and Szegedy (2015) introduced it to reduce **internal covariate shift**: each layer's
+# input distribution drifts while the layers before it train, so every layer chases a moving
+# target. Later work (Santurkar et al., 2018) found the benefit comes mainly from a smoother,
+# better-conditioned loss surface, which is what allows the larger steps.
+#
 # For a conv feature map the statistics are over the batch and both spatial axes:
 # $\hat x = (x - \mu_B)/\sqrt{\sigma_B^2 + \epsilon}$, $y = \gamma\hat x + \beta$ (so the layer can
 # undo the normalisation if the network needs that). Training mode uses the batch's statistics
@@ -894,8 +989,9 @@ if RUN and not CFG.skip_answers:
 #
 # Shuffling the input tokens would only shuffle the outputs, so "dog bites man" and "man bites
 # dog" would look the same. With the position added (a learned vector per position, or the
-# fixed sinusoids of the original paper, under which relative offsets are linear functions of
-# the encoding), attention can use absolute and relative order.
+# fixed sinusoids of the original paper, for which $PE(pos+k)$ is a fixed linear map of
+# $PE(pos)$ for every offset $k$: a rotation of each sine/cosine pair), attention can use
+# absolute and relative order.
 #
 # ### Problem 3.2 — why attention is scaled by $1/\sqrt{d_k}$
 #
@@ -908,7 +1004,11 @@ if RUN and not CFG.skip_answers:
 # nearly zero, so almost no gradient reaches $Q$ and $K$. Hence
 # $\mathrm{softmax}(QK^\top/\sqrt{d_k})V$. In this problem's model $d_k = 64/8 = 8$ per head.
 # Computed below with random unit-variance $q, k$, 64 keys per query (mean largest softmax
-# probability and median Frobenius norm of the softmax Jacobian over 256 queries):
+# probability and median Frobenius norm of the softmax Jacobian over 256 queries). While the
+# logits' standard deviation $\sqrt{d_k}$ is small the unscaled softmax is not saturated yet
+# (at $d_k \le 64$ its Jacobian is even larger than the scaled one's); from $d_k = 256$ on it
+# collapses. Scaling keeps the softmax equally sharp for every $d_k$, so the step size and
+# initialisation that suit one head width suit all:
 #
 # <!-- generated: 3.2 -->
 # | d_k | Var(q·k) | max p, unscaled | median ‖J‖, unscaled | max p, scaled | median ‖J‖, scaled |
@@ -933,6 +1033,12 @@ if RUN and not CFG.skip_answers:
 # | weights only | as paper-style, counting weight matrices only: no biases, no LayerNorm parameters | 534,528 |
 # | as specified, tied head | output layer shares the embedding matrix, keeps its bias | 576,480 |
 # <!-- end generated -->
+#
+# **Why the untied head is the headline.** The question shares the *vocabulary* (one token table
+# for source and target), not the output layer, and the model its description builds in PyTorch
+# (`nn.Transformer` with embeddings and a `Linear` head) does not tie the two. A key that ties
+# them, as Vaswani et al. do, gets the tied rows: 576,480 with this model's learned positions
+# and final LayerNorms, 539,456 paper-style.
 #
 # The model as specified (each assumption is checked against real PyTorch modules below):
 #
@@ -967,7 +1073,7 @@ if RUN and not CFG.skip_answers:
 # ### Problem 3.4 — memory for one SGD step, batch 16
 #
 # <!-- generated: 3.4 -->
-# **Peak ≈ 1.42 GiB** (1,523,838,856 bytes measured; the closed form below gives 1.40 GiB) with dropout 0; **≈ 3.27 GiB** with `nn.Transformer`'s default dropout 0.1.
+# **Peak ≈ 1.42 GiB** (1,523,838,856 bytes measured; the closed form below gives 1.40 GiB) with dropout 0; **≈ 3.27 GiB** with `nn.Transformer`'s default dropout 0.1 (on the CPU, whose dropout keeps an fp32 mask).
 #
 # | bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |
 # |---|---:|---:|
@@ -1713,7 +1819,7 @@ def markdown_blocks(ans):
     blocks["3.4"] = "\n".join([
         f"**Peak ≈ {gib(peak['measured'])}** ({peak['measured']:,} bytes measured; the closed form "
         f"below gives {gib(peak['estimate'])}) with dropout 0; **≈ {gib(drop['peak_measured'])}** "
-        f"with `nn.Transformer`'s default dropout 0.1.",
+        f"with `nn.Transformer`'s default dropout 0.1 (on the CPU, whose dropout keeps an fp32 mask).",
         "",
         "| bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |",
         "|---|---:|---:|",
@@ -1809,9 +1915,11 @@ def read_cifar_batch(path):
         raise HW2Error(f"{path}: 'labels' must be a list of ints")
     if len(labels) != len(data):
         raise HW2Error(f"{path}: {len(data)} images but {len(labels)} labels")
+    lo, hi = min(labels), max(labels)  # before numpy: a label past int64 would overflow there
+    if lo < 0 or hi > 9:
+        found = f"{lo}..{hi}" if max(abs(lo), abs(hi)) < 10**100 else "a label of over 100 digits"
+        raise HW2Error(f"{path}: labels out of range 0..9 (found {found})")
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.min() < 0 or labels.max() > 9:
-        raise HW2Error(f"{path}: labels out of range 0..9 (found {labels.min()}..{labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -1876,8 +1984,7 @@ def load_cifar_train(folder):
 
 def read_test_npy(path):
     """test.npy -> uint8 N×3×32×32. Accepts uint8 or float in [0,1], NHWC or NCHW; rejects the rest."""
-    if not os.path.isfile(path):
-        raise HW2Error(f"--test-npy {path}: no such file")
+    npy_file(path)
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic != b"\x93NUMPY":
@@ -2172,7 +2279,7 @@ def choose_hardware(cfg):
             plan["auto_precision"] = True
             plan["note"] = f"GPU fails a test op ({err}); falling back to the CPU"
     plan["name"] = facts["name"] if plan["device"] == "cuda" else cpu_name()
-    torchrun_world = int(os.environ["WORLD_SIZE"]) if TORCHRUN_RANK is not None else None
+    torchrun_world = _torchrun_int("WORLD_SIZE")
     can_fork = not torch.cuda.is_initialized() and "fork" in multiprocessing.get_all_start_methods()
     plan["world_size"], note = select_world_size(getattr(cfg, "gpus", "auto"), plan["device"],
                                                  facts["count"], torchrun_world, can_fork)
@@ -2666,7 +2773,7 @@ def train_distributed(data, hp, hw, cfg, stats=None):
     if stats is not None:
         stats.update(saved.get("train_stats", {}))
     model = Net(hp["widths"], hp["residual"]).to(hw["device"], memory_format=torch.channels_last)
-    model.load_state_dict(saved["model"])
+    load_weights(model, saved["model"], os.path.join(cfg.output_dir, "model.pt"))
     return model, saved["history"], saved["batch_size"]
 
 
@@ -3196,15 +3303,26 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         if ck.get("identity") != identity:
             raise HW2Error(f"--resume: {ckpt_path} is from another run ({ck.get('identity')}), "
                            f"this run is {identity}")
-        model.load_state_dict(ck["model"])
+        load_weights(model, ck["model"], ckpt_path)
         if "opt" in ck:  # absent after the last epoch: nothing is left to train
-            opt.load_state_dict(ck["opt"])
-            if scaler is not None and ck["scaler"]:
-                scaler.load_state_dict(ck["scaler"])
-            lookahead.slow = {k: v.to(device) for k, v in ck["slow"].items()}
-            base_flip = ck["base_flip"].to(device)
-            gen.set_state(ck["gen"])
-            torch.set_rng_state(ck["cpu_rng"])
+            try:  # the run's identity matched, so only a damaged file gets here with the wrong state
+                opt.load_state_dict(ck["opt"])
+                if scaler is not None and ck["scaler"]:
+                    scaler.load_state_dict(ck["scaler"])
+                lookahead.slow = {k: v.to(device) for k, v in ck["slow"].items()}
+                base_flip = ck["base_flip"].to(device)
+                gen.set_state(ck["gen"])
+                torch.set_rng_state(ck["cpu_rng"])
+                # shapes are used only later, in the first step: check them now
+                floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+                if not (lookahead.slow.keys() == floats.keys() and base_flip.shape == (n,)
+                        and all(lookahead.slow[k].shape == v.shape for k, v in floats.items())
+                        and all(t.shape == p.shape for p, st in opt.state.items() for t in st.values()
+                                if isinstance(t, torch.Tensor) and t.dim())):
+                    raise ValueError("shapes")
+            except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as e:
+                raise HW2Error(f"--resume: {ckpt_path}: damaged optimizer or generator state "
+                               f"({type(e).__name__})") from None
         history, start_epoch, step = ck["history"], ck["epoch"] + 1, ck["step"]
         log(f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
     compiled = DIST.wrap(model, hw["compile"])  # torch.compile and/or DDP (see "Several GPUs")
@@ -3330,7 +3448,7 @@ if RUN and not CFG.answers_only:
         HP.update(widths=tuple(_saved.get("widths", HP["widths"])),
                   residual=tuple(_saved.get("residual", HP["residual"])))
         MODEL = Net(HP["widths"], HP["residual"]).to(HW["device"], memory_format=torch.channels_last)
-        MODEL.load_state_dict(_saved["model"])
+        load_weights(MODEL, _saved["model"], MODEL_PATH)
         HISTORY, BATCH_SIZE = _saved["history"], _saved["batch_size"]
         print(f"loaded {MODEL_PATH} (trained {len(HISTORY)} epochs): no training")
         _split = (_saved.get("n_train"), _saved.get("val_size"))

@@ -221,6 +221,7 @@ class Case:
 CASES = [
     # --- --data-dir
     Case("data_dir_missing", dir_case(lambda d, t: None, "no such directory")),
+    Case("data_dir_is_a_file", dir_case(lambda d, t: open(d, "w").write("x"), "is a file, not a directory")),
     Case("data_dir_empty", dir_case(lambda d, t: os.mkdir(d), "no CIFAR-10 batch files")),
     Case("data_dir_without_batches", dir_case(
         lambda d, t: (os.mkdir(d), open(os.path.join(d, "readme.txt"), "w").write("hi"),
@@ -242,6 +243,12 @@ CASES = [
     Case("batch_label_minus_1", data_dir_case(
         lambda d: write_batch(os.path.join(d, "data_batch_4"), batch(labels=[-1] + [0] * 199)),
         r"labels out of range 0\.\.9", "data_batch_4")),
+    Case("batch_label_2_pow_70", data_dir_case(  # past int64: numpy's conversion used to overflow
+        lambda d: write_batch(os.path.join(d, "data_batch_4"), batch(labels=[2**70] + [0] * 199)),
+        r"labels out of range 0\.\.9 \(found 0\.\.1180591620717411303424\)", "data_batch_4")),
+    Case("batch_label_10_pow_5000", data_dir_case(  # past what str() of an int may print
+        lambda d: write_batch(os.path.join(d, "data_batch_4"), batch(labels=[10**5000] + [0] * 199)),
+        r"labels out of range 0\.\.9 \(found a label of over 100 digits\)", "data_batch_4")),
     Case("batch_199_images_200_labels", data_dir_case(
         lambda d: write_batch(os.path.join(d, "data_batch_1"), batch(n=199, labels=[0] * 200)),
         r"199 images but 200 labels", "data_batch_1")),
@@ -258,6 +265,7 @@ CASES = [
     Case("hostile_nested_in_valid_dict", hostile_case("nested_in_valid_dict")),
     # --- --test-npy
     Case("npy_missing", npy_case(lambda p: None, "no such file")),
+    Case("npy_is_a_directory", npy_case(lambda p: os.mkdir(p), r"is a directory, not a \.npy file")),
     Case("npy_text_file", npy_case(lambda p: open(p, "w").write("1,2,3\n4,5,6\n"), r"not a \.npy file")),
     Case("npy_png_bytes", npy_case(_png_bytes, r"not a \.npy file")),
     Case("npy_object_array", npy_case(
@@ -453,11 +461,20 @@ def test_output_dir_not_writable(tmp_path):
     (["--deterministic", "--autotune", "on"], {}, r"--deterministic and --autotune on exclude each other"),
     ([], {"HW2_ANSWERS_ONLY": "maybe"}, r"HW2_ANSWERS_ONLY='maybe': expected 1/0"),
     ([], {"HW2_EPOCHS": "abc"}, r"HW2_EPOCHS='abc': expected an integer"),
-    (["--widths", "128,384"], {}, r"--widths 128,384: expected three whole numbers >= 1"),
-    ([], {"HW2_WIDTHS": "0,8,8"}, r"--widths 0,8,8: expected three whole numbers >= 1"),
+    (["--widths", "128,384"], {}, r"--widths 128,384: expected three whole numbers from 1 to 4096"),
+    ([], {"HW2_WIDTHS": "0,8,8"}, r"--widths 0,8,8: expected three whole numbers from 1 to 4096"),
+    (["--widths", "8,8,99999999999999999999"], {}, r"--widths 8,8,9+: expected three whole numbers from 1 to 4096"),
+    (["--widths", "8,8,\u00b2"], {}, r"--widths 8,8,\u00b2: expected three whole numbers"),
+    (["--widths", "8,8," + "9" * 5000], {}, r"--widths 8,8,9+: expected three whole numbers"),
+    (["--gpus", "9" * 5000], {}, r"--gpus 9+: expected auto or a whole number"),
+    (["--seed", "99999999999999999999"], {}, r"--seed 9+: expected a whole number from 0 to 4294967295"),
+    ([], {"HW2_SEED": "-2"}, r"--seed -2: expected a whole number from 0 to 4294967295"),
+    (["--gpus", "\u00b2"], {}, r"--gpus \u00b2: expected auto or a whole number"),
+    (["--output-dir", ""], {}, r"--output-dir '': empty; leave the flag out for the default"),
 ], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "answers_only_and_skip_answers", "deterministic_and_autotune",
         "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
-        "widths_two", "HW2_WIDTHS_zero"])
+        "widths_two", "HW2_WIDTHS_zero", "widths_past_int64", "widths_superscript_digit", "widths_5000_digits", "gpus_5000_digits", "seed_past_int64",
+        "HW2_SEED_negative", "gpus_superscript_digit", "output_dir_empty"])
 def test_bad_flag_values(args, env, phrase, tmp_path):
     out = tmp_path / "out"
     res = smoke(out, *args, env=env)
@@ -467,6 +484,19 @@ def test_bad_flag_values(args, env, phrase, tmp_path):
     assert len(errs) == 1 and re.search(phrase, errs[0]), res.stderr
     assert not out.exists()
     assert "Problem 1" not in res.stdout  # rejected before any work
+
+
+@pytest.mark.parametrize("env,shown", [({}, "''"), ({"RANK": "abc"}, "'abc'"), ({"RANK": "0", "WORLD_SIZE": "x"}, "'x'")],
+                         ids=["no_rank", "rank_abc", "world_size_x"])
+def test_garbled_torchrun_variables_are_one_line(tmp_path, env, shown):
+    # torchrun sets these; a hand-set TORCHELASTIC_RUN_ID without them used to end in a KeyError
+    # at import, before hw2's error hook exists
+    out = tmp_path / "out"
+    res = smoke(out, "--skip-answers", "--device", "cpu", env={"TORCHELASTIC_RUN_ID": "x", **env})
+    both = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in both, both[-3000:]
+    name = "WORLD_SIZE" if "WORLD_SIZE" in env else "RANK"
+    assert error_lines(res.stderr) == [f"hw2: error: torchrun's {name}={shown}: expected a whole number"]
 
 
 def test_bad_env_int_names_the_variable(tmp_path):

@@ -264,3 +264,128 @@ def test_load_checkpoint_runs_no_code(tmp_path):
     # control: an unrestricted load does run the payload
     torch.load(p, weights_only=False)
     assert marker.exists()
+
+
+# ------------------------------------------------------------------ damaged checkpoint.pt / model.pt
+
+def _nan_weights(c):
+    return dict(c, model={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                          for k, v in c["model"].items()})
+
+
+# (file written, what it holds: a function of the base run's checkpoint.pt and model.pt, the phrase)
+DAMAGED = {
+    "checkpoint_tensor": ("checkpoint.pt", lambda ck, m: torch.zeros(3), "holds a Tensor, not hw2's dict"),
+    "checkpoint_identity_str": ("checkpoint.pt", lambda ck, m: dict(ck, identity="x"), "malformed"),
+    "checkpoint_no_history": ("checkpoint.pt", lambda ck, m: {k: v for k, v in ck.items() if k != "history"},
+                              "not a usable checkpoint.pt (no history)"),
+    "checkpoint_epoch_str": ("checkpoint.pt", lambda ck, m: dict(ck, epoch="1"), "malformed"),
+    "checkpoint_is_model": ("checkpoint.pt", lambda ck, m: m, "it is a model.pt, which --predict-only reads"),
+    "model_tensor": ("model.pt", lambda ck, m: [1, 2], "not a usable model.pt (holds a list"),
+    "model_weights_list": ("model.pt", lambda ck, m: dict(m, model=[1, 2]), "'model' is not a set of weights"),
+    "model_widths_str": ("model.pt", lambda ck, m: dict(m, widths="abc"), "malformed"),
+    "model_widths_huge": ("model.pt", lambda ck, m: dict(m, widths=[8, 8, 2**70]), "malformed"),
+    "model_residual_int": ("model.pt", lambda ck, m: dict(m, residual=5), "malformed"),
+    "model_residual_short": ("model.pt", lambda ck, m: dict(m, residual=[True]), "malformed"),
+    "model_batch_size_0": ("model.pt", lambda ck, m: dict(m, batch_size=0), "malformed"),
+    "model_history_row_empty": ("model.pt", lambda ck, m: dict(m, history=[{}]), "malformed"),
+    "model_history_loss_str": ("model.pt", lambda ck, m: dict(m, history=[dict(m["history"][0], train_loss="x")]),
+                               "malformed"),
+    "model_meta_weight": ("model.pt", lambda ck, m: dict(m, model={**m["model"], "w": torch.empty(2, device="meta")}),
+                          "'model' is not a set of weights"),
+    "model_complex_nan": ("model.pt", lambda ck, m: dict(m, model={**m["model"], "w": torch.full((2,), complex("nan"))}),
+                          "'model' is not a set of weights"),
+    "model_no_history": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "history"},
+                         "not a usable model.pt (no history)"),
+    "model_nan_weights": ("model.pt", lambda ck, m: _nan_weights(m), "weights hold NaN or inf"),
+    "model_is_checkpoint": ("model.pt", lambda ck, m: ck, "it is a checkpoint.pt, which --resume reads"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_load_checkpoint_refuses_a_damaged_file(base, tmp_path, case):
+    # a file of the right kind (torch tensors and plain data) but not what hw2 wrote: one line
+    # naming it, before anything indexes into it (these ended in AttributeError, KeyError or
+    # TypeError tracebacks, or a NaN model predicted class 0 everywhere)
+    ok(base["res"])
+    name, make, phrase = DAMAGED[case]
+    ck, m = (torch.load(base["out"] / f, weights_only=True) for f in ("checkpoint.pt", "model.pt"))
+    for good in ("checkpoint.pt", "model.pt"):  # positive control: the files as written load
+        assert "model" in hw2.load_checkpoint(str(base["out"] / good))
+    path = tmp_path / name
+    torch.save(make(ck, m), path)
+    with pytest.raises(hw2.HW2Error, match=re.escape(str(path)) + ".*" + re.escape(phrase)):
+        hw2.load_checkpoint(str(path))
+
+
+def test_a_checkpoint_may_hold_inf_batchnorm_statistics(base, tmp_path):
+    # mid-run, an fp16 step whose forward overflowed is skipped, but BatchNorm's running
+    # statistics took the inf; the recount at the end replaces them, so --resume must accept it
+    ok(base["res"])
+    ck = torch.load(base["out"] / "checkpoint.pt", weights_only=True)
+    stats = [k for k in ck["model"] if k.endswith("running_var")]
+    assert stats
+    ck["model"][stats[0]] = torch.full_like(ck["model"][stats[0]], float("inf"))
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    assert torch.isinf(hw2.load_checkpoint(str(tmp_path / "checkpoint.pt"))["model"][stats[0]]).all()
+
+
+def test_weights_that_do_not_fit_name_the_file(base, tmp_path):
+    ok(base["res"])
+    saved = torch.load(base["out"] / "model.pt", weights_only=True)
+    net = hw2.Net(tuple(saved["widths"]), tuple(saved["residual"]))
+    hw2.load_weights(net, saved["model"], "model.pt")  # control: the run's own weights fit
+    first = next(iter(saved["model"]))
+    for weights, phrase in [({**saved["model"], first: torch.zeros(2, 2)}, f"size mismatch for {first}"),
+                            ({}, "Missing key(s)")]:
+        with pytest.raises(hw2.HW2Error, match=r"^x/model\.pt: its weights do not fit this net \(.*"
+                                               + re.escape(phrase)):
+            hw2.load_weights(net, weights, "x/model.pt")
+
+
+def _first_momentum(ck):
+    return next(iter(ck["opt"]["state"].values()))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ck: dict(ck, opt={"x": 1}),
+    lambda ck: dict(ck, slow={**ck["slow"], next(iter(ck["slow"])): torch.zeros(2)}),
+    lambda ck: dict(ck, base_flip=ck["base_flip"][:-1]),
+    lambda ck: (_first_momentum(ck).update(momentum_buffer=torch.zeros(3)), ck)[1],
+], ids=["opt_garbage", "slow_shape", "base_flip_short", "momentum_shape"])
+def test_resume_with_damaged_optimizer_state_is_one_line(tmp_path, monkeypatch, damage):
+    # a mid-run checkpoint (killed after epoch 1 of 2) whose run identity matches, so only the
+    # state past it is wrong: an HW2Error, not a KeyError now or a shape error at the first step
+    hw = dict(device="cpu", precision="fp32", compile=False)
+    hp = hw2.PRESETS["smoke"]
+    real = hw2.save_torch
+
+    def save_then_die(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hw2, "save_torch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 2, 32, log=quiet)
+    monkeypatch.setattr(hw2, "save_torch", real)
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    ck = torch.load(path, weights_only=True)
+    assert ck["epoch"] == 0 and "opt" in ck and "momentum_buffer" in _first_momentum(ck)  # mid-run
+    torch.save(damage(ck), path)
+    with pytest.raises(hw2.HW2Error, match=r"--resume: .*checkpoint\.pt: damaged optimizer or generator state"):
+        hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
+    path.write_bytes(good)  # control: the undamaged checkpoint resumes to the end
+    _, history = hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
+    assert len(history) == 2
+
+
+@pytest.mark.parametrize("case", ["model_nan_weights", "model_is_checkpoint"])
+def test_predict_only_refuses_a_damaged_model_pt(base, run_copy, case):
+    name, make, phrase = DAMAGED[case]
+    ck, m = (torch.load(run_copy / f, weights_only=True) for f in ("checkpoint.pt", "model.pt"))
+    torch.save(make(ck, m), run_copy / name)
+    (run_copy / "submission.csv").unlink()
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only")
+    failed(res, run_copy / name, phrase)
+    assert not (run_copy / "submission.csv").exists()
