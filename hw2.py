@@ -87,17 +87,24 @@ import torch.nn.functional as F
 # Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
 # Under `torchrun` every rank executes this file: ranks 1.. skip the sections and only train
 # (see "Several GPUs"), so Problems 1-3, printing and outputs happen once, on rank 0.
+def whole_number(text):
+    """`text` as an int if it is ASCII digits only (at most 18: int() refuses past 4300, and
+    '²'.isdigit() is true but int('²') fails), else None."""
+    text = str(text).strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def _torchrun_int(name, at_import=False):
     """torchrun's RANK / WORLD_SIZE (None outside torchrun); a garbled one is a one-line error."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     value = os.environ.get(name, "")
-    if not (value.isascii() and value.isdigit()):
+    if whole_number(value) is None:
         message = f"torchrun's {name}={value!r}: expected a whole number"
         if at_import:  # hw2's error hook does not exist yet: end the process with the line itself
             sys.exit(f"hw2: error: {message}")
         raise HW2Error(message)
-    return int(value)
+    return whole_number(value)
 
 
 TORCHRUN_RANK = _torchrun_int("RANK", at_import=True)
@@ -382,8 +389,7 @@ def parse_config(argv=None):
     parser = build_parser()  # bad HW2_* values raise HW2Error while building it
     warn_unknown_env(parser)
     cfg = parser.parse_args(argv)
-    if cfg.gpus != "auto" and not (str(cfg.gpus).isascii() and str(cfg.gpus).isdigit() and len(str(cfg.gpus)) <= 6
-                                   and int(cfg.gpus) >= 1):
+    if cfg.gpus != "auto" and not (whole_number(cfg.gpus) or 0) >= 1:
         raise HW2Error(f"--gpus {cfg.gpus}: expected auto or a whole number of processes >= 1")
     if cfg.epochs is not None and int(cfg.epochs) < 1:
         raise HW2Error(f"--epochs {cfg.epochs}: must be at least 1")
@@ -413,7 +419,7 @@ def parse_config(argv=None):
 
 def parse_widths(text):
     parts = str(text).replace(" ", "").split(",")
-    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 6 and 1 <= int(p) <= MAX_WIDTH for p in parts):
+    if len(parts) != 3 or not all(1 <= (whole_number(p) or 0) <= MAX_WIDTH for p in parts):
         raise HW2Error(f"--widths {text}: expected three whole numbers from 1 to {MAX_WIDTH} "
                        f"separated by commas, e.g. 128,384,512")
     return tuple(int(p) for p in parts)
@@ -3488,7 +3494,7 @@ def make_submission(preds, sample=None, class_names=CIFAR_CLASSES):
     else:
         ids = sample["ids"]
         # Ids that are a permutation of 0..N-1 index the images; otherwise row i is image i.
-        as_int = [int(i) if i.strip().isascii() and i.strip().isdigit() else None for i in ids]
+        as_int = [whole_number(i) for i in ids]
         is_index = None not in as_int and sorted(as_int) == list(range(len(ids)))
         labels = preds[as_int if is_index else np.arange(len(ids))].astype(int).tolist()
         if not all(_is_number_or_blank(v) for v in sample["labels"]):  # the sample uses class names

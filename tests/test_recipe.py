@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import hw2
-from conftest import quiet as _quiet, run_hw2, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
+from conftest import killed_after_first_save, quiet as _quiet, run_hw2, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 CPU = dict(device="cpu", precision="fp32", compile=False)
 # Inductor's CPU backend builds its kernels with a C++ compiler
@@ -192,16 +192,7 @@ def test_killed_after_an_epoch_and_resumed_is_bitwise_identical(tmp_path, monkey
     os.makedirs(tmp_path / "a")
     ref, ref_hist = hw2.train(data, hp, hw, _cfg(tmp_path / "a"), 3, 32, log=_quiet)
     os.makedirs(tmp_path / "b")
-    real = hw2.save_torch
-
-    def save_then_die(path, obj):
-        real(path, obj)
-        raise KeyboardInterrupt  # Kaggle kills the session right after epoch 1's checkpoint
-
-    monkeypatch.setattr(hw2, "save_torch", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        hw2.train(data, hp, hw, _cfg(tmp_path / "b"), 3, 32, log=_quiet)
-    monkeypatch.setattr(hw2, "save_torch", real)
+    killed_after_first_save(monkeypatch, lambda: hw2.train(data, hp, hw, _cfg(tmp_path / "b"), 3, 32, log=_quiet))
     assert hw2.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["epoch"] == 0
     lines = []
     resumed, hist = hw2.train(data, hp, hw, _cfg(tmp_path / "b", resume=True), 3, 32, log=lines.append)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import quiet, run_hw2, train_cfg, train_data
+from conftest import killed_after_first_save, quiet, run_hw2, train_cfg, train_data
 
 FILES = ("submission.csv", "answers.json", "metrics.json", "model.pt", "checkpoint.pt")
 HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
@@ -358,16 +358,7 @@ def test_resume_with_damaged_optimizer_state_is_one_line(tmp_path, monkeypatch, 
     # state past it is wrong: an HW2Error, not a KeyError now or a shape error at the first step
     hw = dict(device="cpu", precision="fp32", compile=False)
     hp = hw2.PRESETS["smoke"]
-    real = hw2.save_torch
-
-    def save_then_die(path, obj):
-        real(path, obj)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(hw2, "save_torch", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 2, 32, log=quiet)
-    monkeypatch.setattr(hw2, "save_torch", real)
+    killed_after_first_save(monkeypatch, lambda: hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 2, 32, log=quiet))
     path = tmp_path / "checkpoint.pt"
     good = path.read_bytes()
     ck = torch.load(path, weights_only=True)
