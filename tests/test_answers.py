@@ -73,6 +73,16 @@ def test_p1_forward_by_hand(p1):
     assert p1["p_hat"] == pytest.approx(0.8845253, abs=1e-6)
 
 
+def test_p1_loss_is_the_binary_cross_entropy_of_the_forward_pass(p1):
+    """J = BCE(sigmoid(z2), y) by torch from the problem's numbers; with y = 0 it is -log(1 - p)."""
+    z2 = torch.tensor(W2, dtype=torch.float64) @ torch.relu(
+        torch.tensor(W1, dtype=torch.float64) @ torch.tensor(X, dtype=torch.float64)
+        + torch.tensor(B1, dtype=torch.float64)) + B2
+    want = F.binary_cross_entropy_with_logits(z2, torch.tensor(Y, dtype=torch.float64)).item()
+    assert p1["loss_J"] == pytest.approx(want, rel=1e-12)
+    assert p1["loss_J"] == pytest.approx(-math.log(1 - 0.8845253), abs=1e-6)
+
+
 def test_p1_local_derivatives(p1):
     p = 1.0 / (1.0 + math.exp(-2.036))
     # y = 0: J = -log(1 - p)  ->  dJ/dp = 1 / (1 - p)

@@ -122,10 +122,21 @@ class EvilPopen:
         return subprocess.Popen, (["touch", str(self.marker)],)
 
 
+class EvilNumpyExec:
+    """Only a numpy global, yet it runs code: being in numpy is not enough to be let through."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring  # exec(astr, dict)
+        return runstring, (f"open({self.marker!r}, 'w').close()", {})
+
+
 HOSTILE = {
     "os_system": lambda m: EvilSystem(m),
     "builtins_eval": lambda m: EvilEval(m),
     "subprocess_popen": lambda m: EvilPopen(m),
+    "numpy_exec": lambda m: EvilNumpyExec(m),
     # the payload hides inside an otherwise valid batch, after the image data
     "nested_in_valid_dict": lambda m: {**batch(), b"payload": EvilSystem(m)},
 }
@@ -261,6 +272,7 @@ CASES = [
     # --- hostile pickles: refused, and no code runs
     Case("hostile_os_system", hostile_case("os_system"), core=True),
     Case("hostile_builtins_eval", hostile_case("builtins_eval")),
+    Case("hostile_numpy_exec", hostile_case("numpy_exec")),
     Case("hostile_subprocess_popen", hostile_case("subprocess_popen")),
     Case("hostile_nested_in_valid_dict", hostile_case("nested_in_valid_dict")),
     # --- --test-npy
@@ -323,7 +335,7 @@ def test_in_process_raises_hw2error(case, tmp_path, tiny_cifar_dir):
         assert not os.path.exists(b.marker), "the hostile pickle ran code"
 
 
-@pytest.mark.parametrize("variant", ["os_system", "builtins_eval", "subprocess_popen"])
+@pytest.mark.parametrize("variant", ["os_system", "builtins_eval", "subprocess_popen", "numpy_exec"])
 def test_hostile_fixture_really_runs_code_under_plain_pickle(variant, tmp_path):
     """Control: the payloads above do execute with an unrestricted pickle.load."""
     marker = tmp_path / "PWNED"
@@ -484,6 +496,20 @@ def test_bad_flag_values(args, env, phrase, tmp_path):
     assert len(errs) == 1 and re.search(phrase, errs[0]), res.stderr
     assert not out.exists()
     assert "Problem 1" not in res.stdout  # rejected before any work
+
+
+def test_seed_range_is_inclusive_at_both_ends(monkeypatch):
+    """--seed takes 0..2^32-1, both ends, as its message says (a `<` for `<=` refused
+    4294967295), and the run's generators accept either end; one past either end is refused."""
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    for seed in (0, hw2.MAX_SEED):
+        assert hw2.parse_config(["--seed", str(seed)]).seed == seed
+        hw2.torch.Generator().manual_seed(seed)
+        np.random.default_rng(seed)
+    for bad in (-1, hw2.MAX_SEED + 1):
+        with pytest.raises(hw2.HW2Error, match=rf"--seed {bad}: expected a whole number from 0 to 4294967295"):
+            hw2.parse_config(["--seed", str(bad)])
 
 
 @pytest.mark.parametrize("env,shown", [({}, "''"), ({"RANK": "abc"}, "'abc'"), ({"RANK": "0", "WORLD_SIZE": "x"}, "'x'")],

@@ -34,6 +34,26 @@ def _full_disk_after(n_bytes):
     return write_fn
 
 
+def test_atomic_write_stages_beside_the_target_and_never_shows_half_a_file(tmp_path):
+    """While the writer runs, the target keeps its old bytes and the new ones go to a hidden file in
+    the same folder (same filesystem, so os.replace is atomic); afterwards only the target is left."""
+    target = tmp_path / "submission.csv"
+    target.write_text("old\n")
+    seen = {}
+
+    def write(f):
+        f.write("new,")
+        f.flush()
+        seen["target"] = target.read_text()
+        seen["others"] = sorted(p for p in os.listdir(tmp_path) if p != "submission.csv")
+        f.write("done\n")
+
+    hw2.atomic_write(str(target), write)
+    assert seen["target"] == "old\n"
+    assert len(seen["others"]) == 1 and seen["others"][0].startswith(".submission.csv.")
+    assert target.read_text() == "new,done\n" and os.listdir(tmp_path) == ["submission.csv"]
+
+
 def test_full_disk_is_one_error_naming_the_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text("previous run")

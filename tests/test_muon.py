@@ -33,6 +33,22 @@ def test_orthogonalize_keeps_the_directions_and_equalises_the_singular_values(sh
         assert sv.max() < 1.25 and sv.min() > min_sv  # from 0.01..1: the spread shrinks 100x -> <17x
 
 
+def test_one_newton_schulz_step_is_muons_quintic_on_the_singular_values():
+    """By SVD in float64: one iteration keeps U and V and maps each singular value s of g/|g|_F
+    to a*s + b*s^3 + c*s^5 with Muon's (3.4445, -4.7750, 2.0315). The 5-step bounds above still
+    pass with c = 2.3; this does not."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(40, 16, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -2, 16, dtype=torch.float64)
+    g = u @ torch.diag(s) @ v.T
+    x = s / s.norm()
+    want = u @ torch.diag(3.4445 * x - 4.7750 * x ** 3 + 2.0315 * x ** 5) @ v.T
+    for t, w in ((g, want), (g.T, want.T)):  # wide and tall
+        got = hw2.orthogonalize(t.float(), 1).double()
+        assert torch.allclose(got, w, atol=2e-6), float((got - w).abs().max())
+
+
 @pytest.mark.parametrize("dtype,tol", [("float16", 3e-3), ("bfloat16", 2e-2)])
 def test_orthogonalize_in_half_precision_even_beyond_fp16s_range(dtype, tol):
     """On a GPU the iterations run in the run's half type (newton_schulz_dtype). A raw step

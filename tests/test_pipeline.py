@@ -91,6 +91,23 @@ def test_translate_moves_pixels_within_the_reflect_pad():
     assert torch.equal(hw2.random_translate(x, 0, g), x)
 
 
+def test_translate_draws_every_offset_with_rows_and_columns_apart():
+    """All 25 crops of a 2-pixel pad occur, none far more often than 1/25 of the time (a draw
+    over 0..2*pad-1 never shifts by +pad; dx = dy only shifts along the diagonal)."""
+    pad, n = 2, 500
+    x = torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    out = hw2.random_translate(x, pad, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    counts = np.zeros((2 * pad + 1, 2 * pad + 1), int)
+    for i in range(n):
+        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                if torch.equal(out[i], padded[i, :, dy:dy + 12, dx:dx + 12])]
+        assert len(hits) == 1, (i, hits)  # random images: exactly one crop matches
+        counts[hits[0]] += 1
+    assert (counts > 0).all(), counts  # 500 draws over 25 cells: P(one empty) ~ 1e-8
+    assert counts.max() < 3 * n / 25, counts
+
+
 def test_alternating_flip_flips_each_image_every_other_epoch():
     u8 = _batch(16)
     base = torch.rand(16, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -110,6 +127,28 @@ def test_cutout_zeroes_one_square_per_image():
     zero = (out == 0).all(1)  # N×H×W
     assert (zero.sum((1, 2)) == 64).all()
     assert out.dtype == x.dtype and out.shape == x.shape
+
+
+def test_cutout_square_reaches_every_row_and_column():
+    """The square's corner takes all h-size+1 rows and w-size+1 columns, so it can touch each edge
+    (a draw over 0..w-size-1 never reaches the right or bottom edge)."""
+    n, size = 400, 8
+    out = hw2.cutout(torch.ones(n, 3, 12, 12), size, torch.Generator().manual_seed(0))
+    zero = (out == 0).all(1)
+    first_row = zero.any(2).float().argmax(1)
+    first_col = zero.any(1).float().argmax(1)
+    assert set(first_row.tolist()) == set(range(12 - size + 1))
+    assert set(first_col.tolist()) == set(range(12 - size + 1))
+
+
+def test_normalised_real_training_images_have_zero_mean_and_unit_spread(cifar_dir):
+    """Per channel, over real training images: mean ~0 and std ~1, which CIFAR_MEAN/CIFAR_STD in
+    the wrong channel order (BGR) or swapped would break."""
+    x, _, _ = hw2.load_cifar_train(cifar_dir)
+    z = hw2.normalize(torch.from_numpy(x[::5]))  # 10,000 images, ~0.1 GB as float
+    mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
+    assert mean.abs().max() < 0.03, mean
+    assert (std - 1).abs().max() < 0.03, std
 
 
 # ---------------------------------------------------------------- model

@@ -116,6 +116,126 @@ def test_lookahead_update_is_a_lerp_then_a_copy_of_every_float_tensor():
             assert torch.equal(v, fast[k]), k  # integer counters are left alone
 
 
+def test_lookahead_decay_follows_the_cubic_schedule(tmp_path, monkeypatch):
+    """Every 5 steps and at the last, decay = 0.95^5 * (step/total)^3 (airbench's schedule): a
+    wrong exponent or step count changes every update's weight."""
+    seen, real_update = [], hw2.Lookahead.update
+    monkeypatch.setattr(hw2.Lookahead, "update",
+                        lambda self, model, decay: (seen.append(decay), real_update(self, model, decay)))
+    hw2.train(_data(n_train=7 * 32), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 2, 32, log=_quiet)
+    assert seen == pytest.approx([0.95 ** 5 * (s / 14) ** 3 for s in (5, 10, 14)], rel=1e-12)
+
+
+# ---------------------------------------------------------------- the loss, SGD's units, the seed
+def _spy_on_the_built_model(monkeypatch, on_model):
+    """Call on_model(model) with the net train() builds, just before its optimizer is made."""
+    real = hw2.make_optimizer
+
+    def spy(model, hp, batch_size, **kw):
+        on_model(model)
+        return real(model, hp, batch_size, **kw)
+
+    monkeypatch.setattr(hw2, "make_optimizer", spy)
+
+
+def test_training_loss_is_label_smoothed_cross_entropy_per_image(tmp_path, monkeypatch):
+    """One step of 32 images, all of class 3: the epoch's train_loss is torch's label-smoothed
+    cross-entropy of that step's logits, per image (not plain CE, not a mean over a sum)."""
+    logits = []
+    _spy_on_the_built_model(monkeypatch, lambda model: model.register_forward_hook(
+        lambda m, i, o: logits.append(o.detach().float().clone()) if m.training else None))
+    data = _data(n_train=32, n_val=16)
+    data["train_y"] = np.full(32, 3, np.int64)
+    hp = dict(hw2.PRESETS["smoke"])
+    _, history = hw2.train(data, hp, CPU, _cfg(tmp_path), 1, 32, log=_quiet)
+    labels = torch.full((32,), 3)
+    want = F.cross_entropy(logits[0], labels, label_smoothing=hp["label_smoothing"]).item()
+    assert history[0]["train_loss"] == pytest.approx(want, rel=1e-5)
+    assert hp["label_smoothing"] > 0 and abs(want - F.cross_entropy(logits[0], labels).item()) > 1e-3 * want
+
+
+def _one_sgd_step(hp, batch_size, grad):
+    """One step of make_optimizer's SGD from all-ones float64 weights under a constant gradient."""
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16)).double()  # float64: a shrink of ~1e-4 read to 1e-9
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = hw2.make_optimizer(model, hp, batch_size)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, grad)
+    opt.step()
+    return before, {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["head.weight", "groups.1.norm2.bias"])
+def test_weight_decay_is_per_image_and_decoupled_from_the_lr(name):
+    """Zero gradient, one Nesterov step: a weight shrinks by (1+m)*wd*batch/kilo, kilo =
+    1024*(1 + 1/(1-m)): twice as much at twice the batch, the same at any lr or lr scale."""
+    hp = dict(hw2.PRESETS["smoke"])
+    m = hp["momentum"]
+    kilo = 1024 * (1 + 1 / (1 - m))
+    shrink = {}
+    for b, lr in ((32, hp["lr"]), (64, hp["lr"]), (32, 3 * hp["lr"])):
+        before, after = _one_sgd_step(dict(hp, lr=lr), b, 0.0)
+        ratio = after[name] / before[name]
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-12)
+        shrink[b, lr] = 1 - ratio.flatten()[0].item()
+    assert shrink[32, hp["lr"]] == pytest.approx((1 + m) * hp["wd"] * 32 / kilo, rel=1e-8)
+    assert shrink[64, hp["lr"]] == pytest.approx(2 * shrink[32, hp["lr"]], rel=1e-8)
+    assert shrink[32, 3 * hp["lr"]] == pytest.approx(shrink[32, hp["lr"]], rel=1e-8)
+
+
+def test_batchnorm_biases_step_bias_lr_scale_times_further_than_the_head():
+    """No weight decay, a unit gradient, one Nesterov step: the head moves (1+m)*lr/kilo and the
+    BatchNorm biases bias_lr_scale times that."""
+    hp = dict(hw2.PRESETS["smoke"], wd=0.0)
+    m = hp["momentum"]
+    step = (1 + m) * hp["lr"] / (1024 * (1 + 1 / (1 - m)))
+    before, after = _one_sgd_step(hp, 32, 1.0)
+    for name, want in (("head.weight", step), ("groups.1.norm2.bias", step * hp["bias_lr_scale"])):
+        moved = before[name] - after[name]
+        assert torch.allclose(moved, torch.full_like(moved, want), rtol=1e-9, atol=0), name
+    assert hp["bias_lr_scale"] != 1
+
+
+def test_the_seed_reaches_both_the_init_and_the_data_order(tmp_path, monkeypatch):
+    """--seed sets the initial weights (torch's global generator) and the run's own generator
+    (order, flips, crops): seed 1 changes both the head's init and the first batch; seed 0 again
+    repeats both."""
+    inits, batches = [], []
+
+    def on_model(model):
+        inits.append(model.state_dict()["head.weight"].clone())  # 3x3 convs start as Dirac: seed-free
+        model.register_forward_pre_hook(lambda m, a: batches.append(a[0].clone()) if len(batches) < len(inits) else None)
+
+    _spy_on_the_built_model(monkeypatch, on_model)
+    data = _data()
+    for run, seed in enumerate((0, 1, 0)):
+        os.makedirs(tmp_path / str(run))
+        hw2.train(data, dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path / str(run), seed=seed), 1, 32, log=_quiet)
+    assert torch.equal(inits[0], inits[2]) and torch.equal(batches[0], batches[2])
+    assert not torch.equal(inits[0], inits[1])
+    assert not torch.equal(batches[0], batches[1])
+
+
+def test_whitening_bias_trains_for_exactly_its_epochs(tmp_path, monkeypatch):
+    """smoke: whiten_bias_epochs = 1. The stem's bias (zero at the start) moves in epoch 1 and not
+    after: each epoch's checkpoint holds the same bias from then on (10 steps an epoch, so
+    lookahead's update at step 10 leaves fast = slow at each epoch's end)."""
+    biases, real_save = [], hw2.save_torch
+    monkeypatch.setattr(hw2, "save_torch",
+                        lambda path, obj: (biases.append(obj["model"]["whiten.bias"].clone()), real_save(path, obj)))
+    hp = dict(hw2.PRESETS["smoke"])
+    assert hp["whiten_bias_epochs"] == 1
+    hw2.train(_data(), hp, CPU, _cfg(tmp_path), 3, 32, log=_quiet)
+    assert len(biases) == 3
+    assert biases[0].abs().sum() > 0
+    assert torch.equal(biases[1], biases[0]) and torch.equal(biases[2], biases[0])
+
+
 # ---------------------------------------------------------------- fp16 loss scale
 def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
     """Batch 1024 of real images, the `fast` net at init, fp32 on the CPU. Under CUDA autocast the
