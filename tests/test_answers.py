@@ -9,6 +9,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -183,6 +184,9 @@ def test_p2_batchnorm_demo(p2):
     assert min(demo["eval_mode_mean_after_1_batch"]) > 2.0
     # ... and after the running averages converge, eval mode normalises too
     assert demo["eval_mode_mean_after_61_batches"] == pytest.approx([0.0, 0.0], abs=0.1)
+    # the running mean itself: 0 -> 10 % of the way to the batch mean 5 after one batch, ~5 after 61
+    assert demo["running_mean_after_1_batch"] == pytest.approx([0.5, 0.5], abs=0.05)
+    assert demo["running_mean_after_61_batches"] == pytest.approx([5.0, 5.0], abs=0.3)
 
 
 # ---------------------------------------------------------------- Problem 3
@@ -458,6 +462,14 @@ def test_p3_scaling_demo(p3):
     assert demo["max_prob_unscaled"][i] > 0.9
     assert demo["max_prob_scaled"][i] < 0.3
     assert demo["softmax_jacobian_norm_unscaled"][i] < 1e-2 < 0.1 < demo["softmax_jacobian_norm_scaled"][i]
+    # scaled by sqrt(d_k), the logits over 64 keys are ~N(0, 1) whatever d_k: the mean largest
+    # probability is that of 64 standard normal logits, simulated here (~0.107), from d_k = 16 on
+    # (at d_k = 4 the query's own norm still varies); dividing by d_k instead would give ~0.02-0.05
+    z = np.random.default_rng(0).standard_normal((20000, 64))
+    p = np.exp(z - z.max(1, keepdims=True))
+    normal = float((p.max(1) / p.sum(1)).mean())
+    for dk, mp in zip(demo["d_k"], demo["max_prob_scaled"]):
+        assert mp == pytest.approx(normal, abs=0.03 if dk >= 16 else 0.05), (dk, mp)
 
 
 # ---------------------------------------------------------------- the markdown a TA reads

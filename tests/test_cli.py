@@ -93,3 +93,41 @@ def test_readme_answers_table_matches_the_answers(answers_run):
         readme = f.read()
     block = readme.split("<!-- answers:start -->\n")[1].split("\n<!-- answers:end -->")[0]
     assert block == hw2.answers_table(ans), "README answers table is stale: paste hw2.answers_table()"
+
+
+# ---------------------------------------------------------------- whole numbers and HW2_* variables
+def test_whole_number_takes_at_most_18_ascii_digits():
+    assert hw2.whole_number(" 007 ") == 7
+    assert hw2.whole_number("9" * 18) == 10**18 - 1
+    for text in ("9" * 19, "1" * 5000, "-1", "+1", "1.0", "1e3", "\u0662", "\u00b2", "", " "):
+        assert hw2.whole_number(text) is None, text
+
+
+@pytest.fixture
+def no_hw2_env(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("text,value", [("1", True), ("TRUE", True), (" yes ", True), ("On", True),
+                                        ("0", False), ("false", False), ("No", False), ("off", False),
+                                        ("", False), ("  ", False)])
+def test_boolean_variables_take_the_documented_spellings(no_hw2_env, text, value):
+    no_hw2_env.setenv("HW2_DETERMINISTIC", text)
+    assert hw2.parse_config([]).deterministic is value
+
+
+def test_a_blank_variable_means_unset(no_hw2_env):
+    no_hw2_env.setenv("HW2_EPOCHS", "   ")
+    no_hw2_env.setenv("HW2_PRESET", " ")
+    cfg = hw2.parse_config([])
+    assert cfg.epochs is None and cfg.preset is None
+
+
+def test_a_bad_number_variable_says_which_kind_it_expects(no_hw2_env):
+    no_hw2_env.setenv("HW2_CHECKPOINT_EVERY", "soon")
+    with pytest.raises(hw2.HW2Error, match=r"HW2_CHECKPOINT_EVERY='soon': expected a number$"):
+        hw2.parse_config([])
+    no_hw2_env.setenv("HW2_CHECKPOINT_EVERY", "2.5")
+    assert hw2.parse_config([]).checkpoint_every == 2.5

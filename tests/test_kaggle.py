@@ -98,6 +98,25 @@ def test_off_kaggle_cifar_test_batch_is_still_used(tmp_path, tiny_cifar_dir, mon
     assert data["test_path"] == os.path.join(str(folder), "test_batch") and data["test_y"] is not None
 
 
+def test_default_val_size_follows_what_is_predicted(tmp_path, monkeypatch):
+    """No --val-size: 5,000 held out where the test set's labels are known (CIFAR's own
+    test_batch off Kaggle, which is then scored), none for a --test-npy (as on Kaggle: the
+    submission model sees every image), 128 for smoke."""
+    from conftest import write_cifar_batch
+    monkeypatch.setattr(hw2, "KAGGLE_ROOT", str(tmp_path / "no-kaggle-here"))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(folder / name, g, 1100)  # 5,500 training images
+    npy = put_test_npy(tmp_path / "npy", n=20)
+    sizes = {}
+    for label, preset, args in [("local", "quick", []), ("npy", "quick", ["--test-npy", npy]), ("smoke", "smoke", [])]:
+        data = hw2.load_data(hw2.parse_config(["--preset", preset, "--data-dir", str(folder), *args]), hw2.PRESETS[preset])
+        sizes[label] = (len(data["train_x"]), len(data["val_x"]), data["test_y"] is not None)
+    assert sizes["local"] == (500, 5000, True) and sizes["npy"] == (5500, 0, False) and sizes["smoke"][1] == 128
+
+
 def test_download_lands_outside_kaggle_working(kaggle, tmp_path, monkeypatch):
     import tempfile
 

@@ -1,7 +1,9 @@
 """Problem 4 pipeline on real code paths: loader, test.npy layouts, augmentation, model, TTA,
 submission format, and a smoke training run whose loss falls."""
 import argparse
+import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -33,12 +35,23 @@ def test_find_data_dir_accepts_folder_or_parent(tiny_cifar_dir):
 
 
 def test_val_split_is_fixed_and_disjoint():
-    x = np.arange(1000).reshape(1000, 1, 1, 1).astype(np.uint8)
-    y = np.arange(1000) % 10
+    x = np.arange(1000).reshape(1000, 1, 1, 1)  # each image holds its own index
+    y = np.arange(1000) * 7  # and each label another function of it
     a = hw2.split_train_val(x, y, 100)
     b = hw2.split_train_val(x, y, 100)
     assert np.array_equal(a[2], b[2])
     assert len(a[0]) == 900 and len(a[2]) == 100
+    ids_train, ids_val = a[0].ravel(), a[2].ravel()
+    assert sorted(np.concatenate([ids_train, ids_val]).tolist()) == list(range(1000))  # disjoint, complete
+    assert np.array_equal(a[1], ids_train * 7) and np.array_equal(a[3], ids_val * 7)  # labels travel along
+    assert sorted(ids_val.tolist()) != list(range(100))  # a shuffled hold-out, not the first 100
+
+
+def test_val_size_must_leave_an_image_to_train_on():
+    x, y = np.zeros((50, 3, 32, 32), np.uint8), np.arange(50) % 10
+    with pytest.raises(hw2.HW2Error, match="--val-size 50: must be below the 50"):
+        hw2.split_train_val(x, y, 50)
+    assert [len(part) for part in hw2.split_train_val(x, y, 49)] == [1, 1, 49, 49]
 
 
 # ---------------------------------------------------------------- test.npy layouts
@@ -63,6 +76,29 @@ def test_test_npy_rejects_wrong_layout(tmp_path):
     np.save(tmp_path / "t.npy", np.zeros((4, 32, 3, 32), np.uint8))
     with pytest.raises(hw2.HW2Error, match="shape"):
         hw2.read_test_npy(str(tmp_path / "t.npy"))
+
+
+def test_integer_test_npy_is_0_to_255_inclusive(tmp_path):
+    """255 is a pixel; 256 (which astype(uint8) would wrap to 0) and -1 are not."""
+    ok = np.full((2, 32, 32, 3), 255, np.int16)
+    ok[0] = 0
+    np.save(tmp_path / "ok.npy", ok)
+    got = hw2.read_test_npy(str(tmp_path / "ok.npy"))
+    assert got.dtype == np.uint8 and got[0].max() == 0 and got[1].min() == 255
+    for bad in (256, -1):
+        arr = np.zeros((2, 32, 32, 3), np.int16)
+        arr[1, 5, 5, 1] = bad
+        np.save(tmp_path / "bad.npy", arr)
+        with pytest.raises(hw2.HW2Error, match="integer values outside 0..255"):
+            hw2.read_test_npy(str(tmp_path / "bad.npy"))
+
+
+def test_float_test_npy_is_rounded_to_the_nearest_level(tmp_path):
+    """Float pixels between two of the 256 levels go to the nearer one (k + 0.6 -> k + 1), not down."""
+    k = np.arange(2 * 3 * 32 * 32).reshape(2, 3, 32, 32) % 255
+    frac = np.where(np.arange(k.size).reshape(k.shape) % 2 == 0, 0.4, 0.6)
+    np.save(tmp_path / "t.npy", (k + frac) / 255.0)
+    assert np.array_equal(hw2.read_test_npy(str(tmp_path / "t.npy")), (k + (frac > 0.5)).astype(np.uint8))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -174,6 +210,61 @@ def test_whitening_decorrelates_patches():
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
 
 
+def test_whitening_filters_are_the_patch_eigenvectors_and_their_negatives():
+    """The stem's 24 filters: the 12 eigenvectors of the 2x2-patch covariance scaled by
+    1/sqrt(eigenvalue + 5e-4), largest first, then the same 12 negated (GELU follows, so both
+    signs of each direction pass)."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(64, 3, 32, 32, generator=g)
+    imgs = imgs + 0.8 * imgs.roll(1, dims=-1)
+    conv = hw2.Conv(3, 24, kernel_size=2, padding=0, bias=True)
+    hw2.init_whitening(conv, imgs)
+    w = conv.weight.detach()
+    assert torch.equal(w[12:], -w[:12])
+    patches = torch.nn.functional.unfold(imgs, 2).transpose(1, 2).reshape(-1, 12)  # channel-major, as the conv
+    val, vec = torch.linalg.eigh((patches.T @ patches / len(patches)).double())
+    scale = 1 / torch.sqrt(val.flip(0) + 5e-4)
+    assert torch.allclose(w[:12].reshape(12, -1).double().norm(dim=1), scale, rtol=1e-3)
+    cos = (w[:12].reshape(12, -1).double() @ vec.flip(1)).abs() / scale[:, None]  # |<filter_i, eigvec_j>|
+    assert torch.allclose(cos.diagonal(), torch.ones(12, dtype=torch.float64), atol=1e-3)
+
+
+def test_net_forward_is_stem_groups_with_skips_a_global_max_and_a_ninth():
+    """Net's logits recomputed with torch.nn.functional: 2x2 stem + GELU; per group conv ->
+    2x2 max-pool -> BN -> GELU, then (where residual) two conv-BN with GELUs and a skip around
+    them; a global max; a bias-free head divided by 9."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    widths, residual = (8, 12, 16), (True, False, True)
+    net = hw2.Net(widths, residual=residual)
+    with torch.no_grad():  # non-trivial weights and BN statistics, so no term vanishes
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    assert [hasattr(g, "conv2") for g in net.groups] == list(residual)
+    x = torch.randn(3, 3, 32, 32)
+
+    def bn(m, h):
+        return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    with torch.no_grad():
+        h = F.gelu(F.conv2d(x, net.whiten.weight, net.whiten.bias))
+        for grp, width, res in zip(net.groups, widths, residual):
+            h = F.gelu(bn(grp.norm1, F.max_pool2d(F.conv2d(h, grp.conv1.weight, padding=1), 2)))
+            if res:
+                r = F.gelu(bn(grp.norm2, F.conv2d(h, grp.conv2.weight, padding=1)))
+                h = F.gelu(bn(grp.norm3, F.conv2d(r, grp.conv3.weight, padding=1)) + h)
+            assert h.shape[1] == width
+        expected = h.amax(dim=(2, 3)) @ net.head.weight.T / 9
+        got = net(x)
+    assert net.head.bias is None
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_tta_averages_views():
     torch.manual_seed(0)
     model = hw2.Net((8, 16, 16)).eval()
@@ -200,6 +291,17 @@ def test_tta_averages_views():
     # mirroring swaps its diagonal shifts for the other diagonal)
     flipped = hw2.predict_logits(model, imgs[..., ::-1].copy(), "cpu", "fp32", tta=1)
     assert torch.allclose(l1, flipped, atol=1e-5)
+
+
+def test_prediction_keeps_the_test_order_across_chunks():
+    """Several chunks and a short last one: row i of the logits is image i's own."""
+    torch.manual_seed(0)
+    model = hw2.Net((8, 16, 16)).eval()
+    imgs = _batch(10).numpy()
+    got = hw2.predict_logits(model, imgs, "cpu", "fp32", tta=0, batch_size=4, pad=False)
+    with torch.no_grad():
+        one_by_one = torch.cat([model(hw2.normalize(torch.from_numpy(imgs[i:i + 1]))) for i in range(10)])
+    assert got.shape == (10, 10) and torch.allclose(got, one_by_one, atol=1e-5)
 
 
 def test_prediction_pads_a_short_chunk_to_the_batch_shape(monkeypatch):
@@ -328,6 +430,28 @@ def test_smoke_end_to_end_with_real_data(cifar_dir, tmp_path):
                  "confusion_matrix.png", "test_predictions.png"]:
         assert (out / name).is_file(), name
     assert "epoch train_loss" in proc.stdout and "done | preset smoke" in proc.stdout
+
+
+def test_metrics_json_scores_the_labelled_test_set_and_adds_up(tmp_path, tiny_cifar_dir):
+    """A folder with CIFAR's own labelled test_batch: metrics.json's test_acc is the written
+    submission's accuracy on those labels, train_acc the last epoch's, and the phases' seconds
+    add up to no more than the total."""
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(tiny_cifar_dir, folder)
+    shutil.copy(folder / "data_batch_2", folder / "test_batch")
+    out = tmp_path / "out"
+    proc = run_hw2("--preset", "smoke", "--data-dir", folder, "--output-dir", out, "--epochs", "2",
+                   "--skip-answers", "--precision", "fp32", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    labels = hw2.read_cifar_batch(str(folder / "test_batch"))[1][:m["n_test"]]
+    pred = pd.read_csv(out / "submission.csv")["Category"].to_numpy()
+    assert len(pred) == m["n_test"] > 0
+    assert m["test_acc"] == pytest.approx(float((pred == labels).mean()), abs=1e-12)
+    assert len(m["history"]) == 2 and m["train_acc"] == m["history"][-1]["train_acc"]
+    s = m["seconds"]
+    parts = s["answers"] + s["data"] + s["precision"] + s["train"] + s["predict"]
+    assert s["train"] > 0 and s["predict"] > 0 and parts <= s["total"] + 0.05, s
 
 
 def test_cuda_oom_retries_once_at_half_the_batch(monkeypatch, capsys):

@@ -278,6 +278,18 @@ def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
     assert counts["lost"] < counts["lost_unscaled"], counts  # the scale does save small gradients
 
 
+def test_fp16_training_starts_its_grad_scaler_at_the_fitted_scale(tmp_path):
+    """The GradScaler starts at fp16_loss_scale(batch), not PyTorch's 65536: two steps are too few
+    for it to grow, and a start at 65536 would still be above the fitted scale after two
+    halvings. CPU autocast runs fp16 too (tests/ddp_helper.py trains the same way)."""
+    stats = {}
+    hw2.train(_data(n_train=64, n_val=0), dict(hw2.PRESETS["smoke"]), dict(CPU, precision="fp16"),
+              _cfg(tmp_path), 1, 32, log=_quiet, stats=stats)
+    fitted = hw2.fp16_loss_scale(32)
+    assert fitted < 65536 / 4
+    assert stats["fp16_scale"] == dict(init=fitted, end=fitted)
+
+
 def test_fp16_loss_scale_follows_the_batch():
     assert hw2.fp16_loss_scale(512) == 2 * hw2.fp16_loss_scale(1024)
     for b in (32, 512, 1024):
@@ -301,6 +313,38 @@ def test_checkpoint_by_clock_saves_once_and_trimmed(tmp_path, monkeypatch):
     saves.clear()
     hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path, checkpoint_every=0.0), 3, 32, log=_quiet)
     assert len(saves) == 3 and "opt" in saves[0] and "opt" not in saves[2]
+
+
+def test_clock_checkpoints_are_every_seconds_from_the_last_save(tmp_path, monkeypatch):
+    """On a clock that reads the epoch number (one second an epoch): --checkpoint-every 2.5 saves
+    after epochs 3, 6, 9, each 2.5 s after the previous save ended, and the last epoch always
+    saves (not once per epoch after the first interval has passed)."""
+    clock = dict(now=0.0)
+
+    class EpochClock:  # hw2's time module, but time() is the number of epochs run
+        def __getattr__(self, name):
+            return getattr(time_module, name)
+
+        @staticmethod
+        def time():
+            return clock["now"]
+
+    import time as time_module
+    real_check = hw2.check_still_learning
+
+    def tick(row, *args, **kw):  # once an epoch, just before the checkpoint decision
+        clock["now"] = float(row["epoch"])
+        return real_check(row, *args, **kw)
+
+    saved_after = []
+    real_save = hw2.save_torch
+    monkeypatch.setattr(hw2, "time", EpochClock())
+    monkeypatch.setattr(hw2, "check_still_learning", tick)
+    monkeypatch.setattr(hw2, "save_torch", lambda path, obj: (saved_after.append((obj["epoch"] + 1, "opt" in obj)),
+                                                              real_save(path, obj)))
+    hw2.train(_data(n_train=64, n_val=0), dict(hw2.PRESETS["smoke"]), CPU,
+              _cfg(tmp_path, checkpoint_every=2.5), 11, 32, log=_quiet)
+    assert saved_after == [(3, True), (6, True), (9, True), (11, False)]
 
 
 @pytest.mark.parametrize("precision,muon", [("fp32", False), ("bf16", False),  # bf16: the CPU's autocast (#10)

@@ -1,4 +1,5 @@
 """--resume and --predict-only on the smoke preset, all starting from one finished 2-epoch run."""
+import argparse
 import json
 import os
 import re
@@ -197,6 +198,30 @@ def test_predict_only_does_not_score_another_split(base, run_copy):
     assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
 
 
+def test_predict_only_does_not_score_the_hold_out_of_another_training_set(base, run_copy):
+    # The same --val-size carved from a training set of another size (another data set or
+    # slice) is another split, whose hold-out may hold images the model trained on.
+    saved = torch.load(run_copy / "model.pt", weights_only=True)
+    torch.save(dict(saved, n_train=saved["n_train"] + 88), run_copy / "model.pt")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only")
+    ok(res)
+    assert "no validation accuracy" in res.stdout
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["val_acc"] is None and metrics["n_val"] == 0
+
+
+def test_model_pt_records_a_run_without_a_hold_out_as_zero(base):
+    # 0 (trained on every image) is a split too; None is what a model.pt without the record has
+    ok(base["res"])
+    saved = torch.load(base["out"] / "model.pt", weights_only=True)
+    assert saved["val_size"] == json.loads((base["out"] / "metrics.json").read_text())["n_val"] > 0
+    net = hw2.Net((8, 8, 8))
+    data = dict(train_x=np.zeros((40, 3, 32, 32), np.uint8), val_x=np.zeros((0, 3, 32, 32), np.uint8))
+    rec = hw2.model_record(net, argparse.Namespace(preset="smoke"), dict(widths=(8, 8, 8), residual=(True,) * 3),
+                           [], 32, data)
+    assert (rec["n_train"], rec["val_size"]) == (40, 0)
+
+
 def test_predict_only_of_a_gpu_model_on_the_cpu_names_every_flag_needed(base, run_copy):
     # On a machine without a GPU, --device auto turns an explicit `full` into `quick`, so the
     # hint must also name --device cpu, or following it would give the same error again.
@@ -273,6 +298,12 @@ def _nan_weights(c):
                           for k, v in c["model"].items()})
 
 
+def _one_nan_weight(c):
+    weights = {k: v.clone() for k, v in c["model"].items()}
+    weights["head.weight"][0, 0] = float("nan")  # one entry is enough to poison every prediction
+    return dict(c, model=weights)
+
+
 # (file written, what it holds: a function of the base run's checkpoint.pt and model.pt, the phrase)
 DAMAGED = {
     "checkpoint_tensor": ("checkpoint.pt", lambda ck, m: torch.zeros(3), "holds a Tensor, not hw2's dict"),
@@ -280,11 +311,14 @@ DAMAGED = {
     "checkpoint_no_history": ("checkpoint.pt", lambda ck, m: {k: v for k, v in ck.items() if k != "history"},
                               "not a usable checkpoint.pt (no history)"),
     "checkpoint_epoch_str": ("checkpoint.pt", lambda ck, m: dict(ck, epoch="1"), "malformed"),
+    "checkpoint_epoch_bool": ("checkpoint.pt", lambda ck, m: dict(ck, epoch=True), "malformed"),
+    "checkpoint_step_bool": ("checkpoint.pt", lambda ck, m: dict(ck, step=False), "malformed"),
     "checkpoint_is_model": ("checkpoint.pt", lambda ck, m: m, "it is a model.pt, which --predict-only reads"),
     "model_tensor": ("model.pt", lambda ck, m: [1, 2], "not a usable model.pt (holds a list"),
     "model_weights_list": ("model.pt", lambda ck, m: dict(m, model=[1, 2]), "'model' is not a set of weights"),
     "model_widths_str": ("model.pt", lambda ck, m: dict(m, widths="abc"), "malformed"),
     "model_widths_huge": ("model.pt", lambda ck, m: dict(m, widths=[8, 8, 2**70]), "malformed"),
+    "model_width_0": ("model.pt", lambda ck, m: dict(m, widths=[8, 0, 8]), "malformed"),
     "model_residual_int": ("model.pt", lambda ck, m: dict(m, residual=5), "malformed"),
     "model_residual_short": ("model.pt", lambda ck, m: dict(m, residual=[True]), "malformed"),
     "model_batch_size_0": ("model.pt", lambda ck, m: dict(m, batch_size=0), "malformed"),
@@ -298,6 +332,9 @@ DAMAGED = {
     "model_no_history": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "history"},
                          "not a usable model.pt (no history)"),
     "model_nan_weights": ("model.pt", lambda ck, m: _nan_weights(m), "weights hold NaN or inf"),
+    "model_one_nan_weight": ("model.pt", lambda ck, m: _one_nan_weight(m), "weights hold NaN or inf"),
+    "model_no_batch_size": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "batch_size"},
+                            "not a usable model.pt (no batch_size)"),
     "model_is_checkpoint": ("model.pt", lambda ck, m: ck, "it is a checkpoint.pt, which --resume reads"),
 }
 
