@@ -99,12 +99,13 @@ def _torchrun_int(name, at_import=False):
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     value = os.environ.get(name, "")
-    if whole_number(value) is None:
+    number = whole_number(value)
+    if number is None:
         message = f"torchrun's {name}={value!r}: expected a whole number"
         if at_import:  # hw2's error hook does not exist yet: end the process with the line itself
             sys.exit(f"hw2: error: {message}")
         raise HW2Error(message)
-    return whole_number(value)
+    return number
 
 
 TORCHRUN_RANK = _torchrun_int("RANK", at_import=True)

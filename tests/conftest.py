@@ -28,6 +28,24 @@ def killed_after_first_save(monkeypatch, train):
     monkeypatch.setattr(hw2, "save_torch", real)
 
 
+@pytest.fixture
+def no_hw2_env(monkeypatch):
+    """In-process calls read HW2_* variables: start the test without any (returns monkeypatch)."""
+    for k in [k for k in os.environ if k.startswith("HW2_")]:
+        monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def cifar_with_test_batch(tiny, dst):
+    """A copy of the tiny cifar-10-batches-py folder under dst, with a labelled test_batch (a
+    copy of data_batch_1) as CIFAR-10's own folder has."""
+    import shutil
+    folder = dst / "cifar-10-batches-py"
+    shutil.copytree(tiny, folder)
+    shutil.copy(folder / "data_batch_1", folder / "test_batch")
+    return folder
+
+
 def run_hw2(*args, env=None, timeout=600, cwd=None):
     """Run `python hw2.py ARGS` as a user would; returns the CompletedProcess (text)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}

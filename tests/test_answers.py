@@ -74,12 +74,16 @@ def test_p1_forward_by_hand(p1):
     assert p1["p_hat"] == pytest.approx(0.8845253, abs=1e-6)
 
 
+def _p1_torch(w1):
+    """z2 and J = BCE(sigmoid(z2), y) by torch from the problem's numbers, for weights w1."""
+    z1 = w1 @ torch.tensor(X, dtype=torch.float64) + torch.tensor(B1, dtype=torch.float64)
+    z2 = torch.tensor(W2, dtype=torch.float64) @ torch.relu(z1) + B2
+    return z2, F.binary_cross_entropy(torch.sigmoid(z2).reshape(1), torch.tensor([Y], dtype=torch.float64))
+
+
 def test_p1_loss_is_the_binary_cross_entropy_of_the_forward_pass(p1):
-    """J = BCE(sigmoid(z2), y) by torch from the problem's numbers; with y = 0 it is -log(1 - p)."""
-    z2 = torch.tensor(W2, dtype=torch.float64) @ torch.relu(
-        torch.tensor(W1, dtype=torch.float64) @ torch.tensor(X, dtype=torch.float64)
-        + torch.tensor(B1, dtype=torch.float64)) + B2
-    want = F.binary_cross_entropy_with_logits(z2, torch.tensor(Y, dtype=torch.float64)).item()
+    """J by torch; with y = 0 it is -log(1 - p)."""
+    want = _p1_torch(torch.tensor(W1, dtype=torch.float64))[1].item()
     assert p1["loss_J"] == pytest.approx(want, rel=1e-12)
     assert p1["loss_J"] == pytest.approx(-math.log(1 - 0.8845253), abs=1e-6)
 
@@ -102,10 +106,7 @@ def test_p1_local_derivatives(p1):
 
 def test_p1_dJ_dW1_matches_autograd(p1):
     w1 = torch.tensor(W1, dtype=torch.float64, requires_grad=True)
-    z1 = w1 @ torch.tensor(X, dtype=torch.float64) + torch.tensor(B1, dtype=torch.float64)
-    z2 = torch.tensor(W2, dtype=torch.float64) @ torch.relu(z1) + B2
-    loss = F.binary_cross_entropy(torch.sigmoid(z2).reshape(1), torch.tensor([Y], dtype=torch.float64))
-    loss.backward()
+    _p1_torch(w1)[1].backward()
     got = torch.tensor(p1["dJ_dW1"], dtype=torch.float64)
     assert torch.allclose(got, w1.grad, rtol=1e-10, atol=1e-12), (got, w1.grad)
     # the dead third hidden unit gets exactly zero gradient

@@ -37,12 +37,7 @@ EPOCH_LINE = re.compile(r"^ *\d+ +-?\d+\.\d{4} +\d\.\d{4} +(-|\d\.\d{4}) +-?\d+\
 
 # ------------------------------------------------------------------ helpers
 
-@pytest.fixture(autouse=True)
-def _no_hw2_env(monkeypatch):
-    """In-process calls read HW2_* variables: start every test without any."""
-    for k in list(os.environ):
-        if k.startswith("HW2_"):
-            monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("no_hw2_env")  # in-process calls read HW2_* variables
 
 
 def copy_batches(tiny, dst):
@@ -498,11 +493,9 @@ def test_bad_flag_values(args, env, phrase, tmp_path):
     assert "Problem 1" not in res.stdout  # rejected before any work
 
 
-def test_seed_range_is_inclusive_at_both_ends(monkeypatch):
+def test_seed_range_is_inclusive_at_both_ends():
     """--seed takes 0..2^32-1, both ends, as its message says (a `<` for `<=` refused
     4294967295), and the run's generators accept either end; one past either end is refused."""
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
     for seed in (0, hw2.MAX_SEED):
         assert hw2.parse_config(["--seed", str(seed)]).seed == seed
         hw2.torch.Generator().manual_seed(seed)

@@ -18,10 +18,7 @@ import hw2
 from conftest import ROOT
 
 
-@pytest.fixture(autouse=True)
-def _no_hw2_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("no_hw2_env")
 
 
 # ------------------------------------------------------------------ writes

@@ -103,13 +103,6 @@ def test_whole_number_takes_at_most_18_ascii_digits():
         assert hw2.whole_number(text) is None, text
 
 
-@pytest.fixture
-def no_hw2_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
-    return monkeypatch
-
-
 @pytest.mark.parametrize("text,value", [("1", True), ("TRUE", True), (" yes ", True), ("On", True),
                                         ("0", False), ("false", False), ("No", False), ("off", False),
                                         ("", False), ("  ", False)])

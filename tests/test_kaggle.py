@@ -1,18 +1,15 @@
 """On Kaggle: the competition's test.npy wherever it is mounted, never a submission for another
 test set, downloads outside /kaggle/working. A fake /kaggle tree (hw2.KAGGLE_ROOT) stands in."""
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 import hw2
+from conftest import cifar_with_test_batch, write_cifar_batch
 
 
-@pytest.fixture(autouse=True)
-def _no_hw2_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+pytestmark = pytest.mark.usefixtures("no_hw2_env")
 
 
 @pytest.fixture
@@ -30,14 +27,6 @@ def put_test_npy(folder, n=30):
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "test.npy", np.random.default_rng(2).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     return str(folder / "test.npy")
-
-
-def cifar_with_test_batch(tiny, dst):
-    """A CIFAR-10 dataset as attached under /kaggle/input, with its own labelled test_batch."""
-    folder = dst / "cifar-10-batches-py"
-    shutil.copytree(tiny, folder)
-    shutil.copy(folder / "data_batch_1", folder / "test_batch")
-    return folder
 
 
 @pytest.mark.parametrize("mount", [["ucsb-cs291k-hw2-2022-fall"],
@@ -102,7 +91,6 @@ def test_default_val_size_follows_what_is_predicted(tmp_path, monkeypatch):
     """No --val-size: 5,000 held out where the test set's labels are known (CIFAR's own
     test_batch off Kaggle, which is then scored), none for a --test-npy (as on Kaggle: the
     submission model sees every image), 128 for smoke."""
-    from conftest import write_cifar_batch
     monkeypatch.setattr(hw2, "KAGGLE_ROOT", str(tmp_path / "no-kaggle-here"))
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -3,7 +3,6 @@ submission format, and a smoke training run whose loss falls."""
 import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import run_hw2
+from conftest import cifar_with_test_batch, run_hw2
 
 
 # ---------------------------------------------------------------- data loading
@@ -113,17 +112,26 @@ def test_normalize_is_float_and_centred():
     assert hw2.normalize(_batch(), torch.float16).dtype == torch.float16
 
 
+def _crop_offsets(out, x, pad, n):
+    """(dy, dx) of each of the first n output images within its reflect-padded input: each must be
+    exactly one of the (2*pad+1)^2 crops (random images, so no two crops coincide)."""
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    size, found = x.shape[-1], []
+    for i in range(n):
+        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                if torch.equal(out[i], padded[i, :, dy:dy + size, dx:dx + size])]
+        assert len(hits) == 1, (i, hits)
+        found.append(hits[0])
+    return found
+
+
 def test_translate_moves_pixels_within_the_reflect_pad():
     x = hw2.normalize(_batch())
     g = torch.Generator().manual_seed(0)
     out = hw2.random_translate(x, 2, g)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert not torch.equal(out, x)
-    # every output image is one of the 25 shifted crops of its reflect-padded input
-    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
-    for i in range(8):
-        assert any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32])
-                   for dy in range(5) for dx in range(5))
+    _crop_offsets(out, x, 2, 8)  # every output image is one of the 25 shifted crops
     assert torch.equal(hw2.random_translate(x, 0, g), x)
 
 
@@ -133,13 +141,9 @@ def test_translate_draws_every_offset_with_rows_and_columns_apart():
     pad, n = 2, 500
     x = torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     out = hw2.random_translate(x, pad, torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
     counts = np.zeros((2 * pad + 1, 2 * pad + 1), int)
-    for i in range(n):
-        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                if torch.equal(out[i], padded[i, :, dy:dy + 12, dx:dx + 12])]
-        assert len(hits) == 1, (i, hits)  # random images: exactly one crop matches
-        counts[hits[0]] += 1
+    for offset in _crop_offsets(out, x, pad, n):
+        counts[offset] += 1
     assert (counts > 0).all(), counts  # 500 draws over 25 cells: P(one empty) ~ 1e-8
     assert counts.max() < 3 * n / 25, counts
 
@@ -198,12 +202,17 @@ def test_model_forward_backward_and_residual_shapes():
     assert model.whiten.weight.grad is None  # the whitening filters are frozen
 
 
-def test_whitening_decorrelates_patches():
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(256, 3, 32, 32, generator=g)
-    imgs = imgs + 0.8 * imgs.roll(1, dims=-1)  # correlated neighbours
+def _whitened_stem(n):
+    """The 2x2 stem, whitened on n random images whose horizontal neighbours correlate."""
+    imgs = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    imgs = imgs + 0.8 * imgs.roll(1, dims=-1)
     conv = hw2.Conv(3, 24, kernel_size=2, padding=0, bias=True)
     hw2.init_whitening(conv, imgs)
+    return imgs, conv
+
+
+def test_whitening_decorrelates_patches():
+    imgs, conv = _whitened_stem(256)
     with torch.no_grad():
         out = torch.nn.functional.conv2d(imgs, conv.weight[:12])
     cov = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
@@ -214,11 +223,7 @@ def test_whitening_filters_are_the_patch_eigenvectors_and_their_negatives():
     """The stem's 24 filters: the 12 eigenvectors of the 2x2-patch covariance scaled by
     1/sqrt(eigenvalue + 5e-4), largest first, then the same 12 negated (GELU follows, so both
     signs of each direction pass)."""
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(64, 3, 32, 32, generator=g)
-    imgs = imgs + 0.8 * imgs.roll(1, dims=-1)
-    conv = hw2.Conv(3, 24, kernel_size=2, padding=0, bias=True)
-    hw2.init_whitening(conv, imgs)
+    imgs, conv = _whitened_stem(64)
     w = conv.weight.detach()
     assert torch.equal(w[12:], -w[:12])
     patches = torch.nn.functional.unfold(imgs, 2).transpose(1, 2).reshape(-1, 12)  # channel-major, as the conv
@@ -436,9 +441,7 @@ def test_metrics_json_scores_the_labelled_test_set_and_adds_up(tmp_path, tiny_ci
     """A folder with CIFAR's own labelled test_batch: metrics.json's test_acc is the written
     submission's accuracy on those labels, train_acc the last epoch's, and the phases' seconds
     add up to no more than the total."""
-    folder = tmp_path / "cifar-10-batches-py"
-    shutil.copytree(tiny_cifar_dir, folder)
-    shutil.copy(folder / "data_batch_2", folder / "test_batch")
+    folder = cifar_with_test_batch(tiny_cifar_dir, tmp_path)
     out = tmp_path / "out"
     proc = run_hw2("--preset", "smoke", "--data-dir", folder, "--output-dir", out, "--epochs", "2",
                    "--skip-answers", "--precision", "fp32", timeout=300)
@@ -480,11 +483,9 @@ def test_cuda_oom_twice_is_not_retried_again(monkeypatch):
         hw2.train_with_oom_retry({}, dict(hw2.PRESETS["full"]), {}, argparse.Namespace(epochs=None, resume=False))
 
 
-def test_smoke_dry_run_slices_a_found_test_set_and_drops_its_sample(tmp_path, monkeypatch, tiny_cifar_dir):
+def test_smoke_dry_run_slices_a_found_test_set_and_drops_its_sample(tmp_path, monkeypatch, tiny_cifar_dir, no_hw2_env):
     # On Kaggle the smoke preset finds the competition's test.npy (and its sample) by default:
     # it predicts a slice, so the full-length sample must not be applied to it.
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
     images = np.random.default_rng(4).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
     comp = tmp_path / "input" / hw2.COMPETITION
     comp.mkdir(parents=True)

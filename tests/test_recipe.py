@@ -425,9 +425,7 @@ def test_full_preset_flops_are_the_issue_figure():
 
 
 # ---------------------------------------------------------------- determinism
-def test_deterministic_flag_and_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+def test_deterministic_flag_and_env(monkeypatch, no_hw2_env):
     assert hw2.parse_config([]).deterministic is False
     assert hw2.parse_config(["--deterministic"]).deterministic is True
     monkeypatch.setenv("HW2_DETERMINISTIC", "1")
@@ -437,9 +435,7 @@ def test_deterministic_flag_and_env(monkeypatch):
         hw2.parse_config([])
 
 
-def test_autotune_is_off_unless_asked_for(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+def test_autotune_is_off_unless_asked_for(monkeypatch, no_hw2_env):
     assert hw2.parse_config([]).autotune == "off"  # the H200's measurement (BENCHMARKS.md)
     assert hw2.parse_config(["--autotune", "on"]).autotune == "on"
     assert hw2.parse_config(["--deterministic"]).autotune == "off"
@@ -449,9 +445,7 @@ def test_autotune_is_off_unless_asked_for(monkeypatch):
     assert hw2.parse_config([]).autotune == "on"
 
 
-def test_cuda_graph_is_on_unless_turned_off(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+def test_cuda_graph_is_on_unless_turned_off(monkeypatch, no_hw2_env):
     assert hw2.parse_config([]).cuda_graph == "on"  # the H200's measurement (BENCHMARKS.md)
     assert hw2.parse_config(["--cuda-graph", "off"]).cuda_graph == "off"
     monkeypatch.setenv("HW2_CUDA_GRAPH", "off")
@@ -681,9 +675,7 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
 
 
 @pytest.mark.parametrize("bad", ["-1", "soon"])
-def test_checkpoint_every_rejects_bad_values(bad, monkeypatch):
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
+def test_checkpoint_every_rejects_bad_values(bad, monkeypatch, no_hw2_env):
     with pytest.raises((hw2.HW2Error, SystemExit)):
         hw2.parse_config(["--checkpoint-every", bad])
     monkeypatch.setenv("HW2_CHECKPOINT_EVERY", bad)
@@ -732,10 +724,8 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- --widths
-def test_widths_flag_reshapes_the_net_and_is_recorded(tiny_cifar_dir, tmp_path, monkeypatch):
+def test_widths_flag_reshapes_the_net_and_is_recorded(tiny_cifar_dir, tmp_path, monkeypatch, no_hw2_env):
     cpu = dict(device="cpu", precision="fp32")
-    for k in [k for k in os.environ if k.startswith("HW2_")]:
-        monkeypatch.delenv(k)
     assert hw2.parse_config([]).widths is None
     assert hw2.parse_config(["--widths", "128, 384,512"]).widths == (128, 384, 512)
     monkeypatch.setenv("HW2_WIDTHS", "8,8,16")
