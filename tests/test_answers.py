@@ -188,6 +188,9 @@ def test_p2_batchnorm_demo(p2):
     # the running mean itself: 0 -> 10 % of the way to the batch mean 5 after one batch, ~5 after 61
     assert demo["running_mean_after_1_batch"] == pytest.approx([0.5, 0.5], abs=0.05)
     assert demo["running_mean_after_61_batches"] == pytest.approx([5.0, 5.0], abs=0.3)
+    # ... and the running variance ~9 (std 3), so eval mode scales the batch to variance ~1 too
+    assert demo["running_var_after_61_batches"] == pytest.approx([9.0, 9.0], rel=0.1)
+    assert demo["eval_mode_var_after_61_batches"] == pytest.approx([1.0, 1.0], abs=0.1)
 
 
 # ---------------------------------------------------------------- Problem 3

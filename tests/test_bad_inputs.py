@@ -306,6 +306,13 @@ CASES = [
     Case("sample_short_row", sample_case(
         lambda s: open(s, "w").write("id,label\n" + "".join(f"{i},0\n" for i in range(49)) + "49\n"),
         "line 51 has one field")),
+    Case("sample_unclosed_quote", sample_case(  # strict CSV: not one huge field, then a row count
+        lambda s: open(s, "w").write("id,label\n" + "".join(f"{i},0\n" for i in range(20)) + '"20,0\n'
+                                     + "".join(f"{i},0\n" for i in range(21, 50))),
+        "line 22: a quote opened there is never closed")),
+    Case("sample_nul_in_id", sample_case(  # ids are copied into submission.csv
+        lambda s: open(s, "w").write("id,label\n" + "".join(f"{i},0\n" for i in range(49)) + "49\x00,0\n"),
+        "line 51: its id holds a control character")),
     Case("sample_duplicate_ids", sample_case(
         lambda s: pd.DataFrame({"id": [0] * 50, "label": 0}).to_csv(s, index=False), "ids are not unique")),
 ]

@@ -186,6 +186,19 @@ def test_predict_only_rewrites_the_same_submission(base, run_copy):
     assert after["val_acc"] == first["val_acc"] is not None
 
 
+def test_predict_only_times_the_prediction_apart_from_the_load(base, run_copy, tmp_path):
+    """seconds.predict is the prediction's own timer: on --predict-only the train phase is the
+    model.pt load (milliseconds for smoke's net), the predict phase TTA over 2,000 images."""
+    big = tmp_path / "big.npy"
+    np.save(big, np.random.default_rng(7).integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8))
+    res = smoke(run_copy, base["data"], big, "--predict-only", "--skip-answers")
+    ok(res)
+    sec = json.loads((run_copy / "metrics.json").read_text())["seconds"]
+    assert len(pd.read_csv(run_copy / "submission.csv")) == 2000
+    # by a wide margin (about 100x on 2 cores), so no timing noise can flip it
+    assert sec["predict"] > 5 * sec["train"] and sec["train"] + sec["predict"] <= sec["total"], sec
+
+
 def test_predict_only_does_not_score_another_split(base, run_copy):
     # Another --val-size carves another hold-out from the training set, which would include
     # images the model trained on: no accuracy is reported for it, and the run says why.
