@@ -78,40 +78,14 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
-# Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
-# Under `torchrun` every rank executes this file: ranks 1.. skip the sections and only train
-# (see "Several GPUs"), so Problems 1-3, printing and outputs happen once, on rank 0.
-def whole_number(text):
-    """`text` as an int if it is ASCII digits only (at most 18: int() refuses past 4300, and
-    '²'.isdigit() is true but int('²') fails), else None."""
-    text = str(text).strip()
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+_CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
 
 
-def _torchrun_int(name, at_import=False):
-    """torchrun's RANK / WORLD_SIZE (None outside torchrun); a garbled one is a one-line error."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    value = os.environ.get(name, "")
-    number = whole_number(value)
-    if number is None:
-        message = f"torchrun's {name}={value!r}: expected a whole number"
-        if at_import:  # hw2's error hook does not exist yet: end the process with the line itself
-            sys.exit(f"hw2: error: {message}")
-        raise HW2Error(message)
-    return number
-
-
-TORCHRUN_RANK = _torchrun_int("RANK", at_import=True)
-RUN = __name__ == "__main__" and not TORCHRUN_RANK
-IN_NOTEBOOK = "ipykernel" in sys.modules
-ANSWERS = {}
+def _cleanup_partial_outputs():
+    for d in reversed(_CREATED_DIRS):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only if still empty: never delete what a user had
 
 
 class HW2Error(Exception):
@@ -142,8 +116,46 @@ def _notebook_exc_handler(shell, kind, err, tb, tb_offset=None):
     return [line]
 
 
-if __name__ == "__main__" and not IN_NOTEBOOK:
+# Installed before numpy and torch load (1-2 s): a Ctrl-C then ends in one line too.
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.excepthook = _script_excepthook
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Run the sections when executed as a script or notebook; importing `hw2` (tests) runs nothing.
+# Under `torchrun` every rank executes this file: ranks 1.. skip the sections and only train
+# (see "Several GPUs"), so Problems 1-3, printing and outputs happen once, on rank 0.
+def whole_number(text):
+    """`text` as an int if it is ASCII digits only (at most 18: int() refuses past 4300, and
+    '²'.isdigit() is true but int('²') fails), else None."""
+    text = str(text).strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def _torchrun_int(name, at_import=False):
+    """torchrun's RANK / WORLD_SIZE (None outside torchrun); a garbled one is a one-line error."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    value = os.environ.get(name, "")
+    number = whole_number(value)
+    if number is None:
+        message = f"torchrun's {name}={value!r}: expected a whole number"
+        if at_import:  # an importer has no error hook: end the process with the line itself
+            sys.exit(f"hw2: error: {message}")
+        raise HW2Error(message)
+    return number
+
+
+TORCHRUN_RANK = _torchrun_int("RANK", at_import=True)
+RUN = __name__ == "__main__" and not TORCHRUN_RANK
+IN_NOTEBOOK = "ipykernel" in sys.modules
+ANSWERS = {}
+
+
 if RUN and IN_NOTEBOOK:
     get_ipython().set_custom_exc((HW2Error,), _notebook_exc_handler)  # noqa: F821 (IPython builtin)
 
@@ -445,7 +457,6 @@ def configure_determinism(deterministic, autotune="off"):
     torch.backends.cudnn.benchmark = autotune == "on"
 
 
-_CREATED_DIRS = []  # output dirs this run created: removed again if the run fails on bad input
 
 
 def prepare_output_dir(path):
@@ -466,12 +477,6 @@ def prepare_output_dir(path):
     except OSError as e:
         raise HW2Error(f"--output-dir {path}: cannot be created or written ({e.strerror or e})") from None
     return path
-
-
-def _cleanup_partial_outputs():
-    for d in reversed(_CREATED_DIRS):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)  # only if still empty: never delete what a user had
 
 
 def atomic_write(path, write_fn, mode="w"):

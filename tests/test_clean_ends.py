@@ -133,6 +133,22 @@ def test_a_real_write_limit_ends_the_script_in_one_line(tmp_path, tiny_cifar_dir
     assert not out.exists()  # the run created it and completed nothing in it: removed, temp file too
 
 
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    # torch takes 1-2 s to import: a Ctrl-C then used to print a KeyboardInterrupt traceback. A
+    # stand-in torch package sends the process a real SIGINT from inside its import.
+    fake = tmp_path / "stand_in" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                      "time.sleep(30)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    env.update(PYTHONPATH=str(tmp_path / "stand_in"))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "hw2.py"), "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.splitlines() == ["hw2: interrupted; a checkpoint (if any) is in the output dir: "
+                                       "rerun with --resume"], res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ unknown variables
 
 def test_unknown_hw2_variable_warns_with_the_closest_name(monkeypatch, capsys):
