@@ -2282,12 +2282,16 @@ def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
 def choose_hardware(cfg):
     facts = probe_cuda_facts() if cfg.device != "cpu" else dict(capability=None, arch=[], count=0)
     cap, arch = facts["capability"], facts["arch"]
+    if cfg.device == "cuda" and cap is None and facts.get("note"):  # not "no GPU is visible"
+        raise HW2Error(f"--device cuda: {facts['note'].split(':')[0]} (it hung or crashed: a broken "
+                       "driver?); drop --device cuda to train on the CPU")
     cpu_bf16 = cpu_native_bf16()
     plan = select_hardware(cfg.device, cap, arch, cfg.precision, cfg.compile, cfg.preset, cpu_bf16)
     # bf16 on the CPU is kept only if it measures faster: settle_cpu_precision, after the model
     plan["auto_precision"] = cfg.precision == "auto"
-    if facts.get("note") and not plan["note"]:
-        plan["note"] = facts["note"]
+    if facts.get("note"):  # the probe's own account: a probe that failed is not "no GPU found"
+        plan["note"] = facts["note"] if facts["capability"] is None else "; ".join(
+            n for n in (plan["note"], facts["note"]) if n)
     if plan["device"] == "cuda":
         err = facts["error"]
         if err:

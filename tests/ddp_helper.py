@@ -7,6 +7,8 @@ state_dict to OUT/../rank<R>.sha256. MODE injects a fault: `ok` none; `raise` ra
 HW2Error at step 3 while rank 0 trains on (and blocks in the next all-reduce); `hang` rank 1
 raises while rank 0 sleeps outside any collective; `interrupt` every rank stops at the first
 step of epoch 2 (checkpoint.pt holds epoch 1); `slow` every step sleeps 0.5 s (for Ctrl-C).
+`grads` and `end_epoch` train nothing: on two forked ranks they check one step's sharded, summed
+gradients, and DataParallel.end_epoch's sums and averages, and print one line per rank.
 Env DDP_HELPER_CPUS=N: usable_cpus() says N, and the parent runs a parallel op on N threads first.
 Env DDP_HELPER_FP16=1: the ranks train as on Kaggle's T4 ×2 (fp16 autocast, GradScaler, the fused
 optimizer step; CPU autocast runs fp16 too) with Muon, the default GPU presets' optimizer.
@@ -81,14 +83,38 @@ def check_grads(rank, world, workdir):
     dist.destroy_process_group()
 
 
-if mode == "grads":
+def check_end_epoch(rank, world, workdir):
+    """DataParallel.end_epoch on two ranks that saw different data: the epoch's loss and correct
+    counts are summed, BatchNorm's running statistics and their lookahead copies averaged."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
+                            rank=rank, world_size=world)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    lookahead = hw2.Lookahead(model)
+    with torch.no_grad():
+        model[1].running_mean.fill_(rank + 1.0)         # 1 and 2: the average is 1.5
+        lookahead.slow["1.running_var"].fill_(10.0 * (rank + 1))  # 10 and 20: 15
+        model[1].num_batches_tracked.fill_(7 + rank)    # a count: not a statistic to average
+    loss, correct = torch.tensor(rank + 1.0), torch.tensor(10.0 * (rank + 1))
+    hw2.DataParallel(rank, world).end_epoch(model, lookahead, loss, correct)
+    with open(os.path.join(workdir, f"end_epoch.{rank}"), "w") as f:
+        f.write(f"{loss.item():g} {correct.item():g} {model[1].running_mean.tolist()} "
+                f"{lookahead.slow['1.running_var'].tolist()} {int(model[1].num_batches_tracked)}")
+    dist.destroy_process_group()
+
+
+if mode in ("grads", "end_epoch"):
     from torch.multiprocessing import start_processes
     os.makedirs(out)
-    start_processes(check_grads, args=(2, out), nprocs=2, start_method="fork")
+    start_processes(check_grads if mode == "grads" else check_end_epoch, args=(2, out), nprocs=2,
+                    start_method="fork")
     for r in range(2):
-        with open(os.path.join(out, f"grads.{r}")) as f:
+        with open(os.path.join(out, f"{mode}.{r}")) as f:
             print(f"rank {r}: {f.read()}")
     sys.exit(0)
+
 
 hw2.train_rank, hw2.lr_factor = train_rank, lr_factor
 if os.environ.get("DDP_HELPER_CPUS"):  # a machine with more cores, whose parent used them all

@@ -507,6 +507,11 @@ def test_markdown_block_text_reads_py_percent_and_rejects_missing_markers():
     assert hw2.markdown_block_text(text, "k") == "| a |\n\nb"
     with pytest.raises(ValueError, match="generated: x"):
         hw2.markdown_block_text(text, "x")
+    with pytest.raises(ValueError, match="found 2"):  # which of two copies would the test check?
+        hw2.markdown_block_text(text + text, "k")
+    # only the '# ' prefix goes: a nested list's indentation is markdown
+    nested = "# <!-- generated: k -->\n# - a\n#   - b\n# <!-- end generated -->\n"
+    assert hw2.markdown_block_text(nested, "k") == "- a\n  - b"
 
 
 def test_p1_markdown_cites_the_computed_intermediates(p1):

@@ -569,6 +569,21 @@ def test_make_submission_non_index_ids_keep_row_order(tmp_path):
     assert sub["ids"] == ["c", "a", "b"] and sub["labels"] == [5, 6, 7]
 
 
+def test_make_submission_integer_ids_that_are_no_index_keep_row_order(tmp_path):
+    # ids 10, 11, 12 for 3 images: not a permutation of 0..2, so row i is image i
+    sub = hw2.make_submission(np.array([5, 6, 7]), _sample(tmp_path, id=[12, 10, 11], label=[0, 0, 0]))
+    assert sub["ids"] == ["12", "10", "11"] and sub["labels"] == [5, 6, 7]
+
+
+def test_make_submission_keeps_two_columns_and_numeric_labels(tmp_path):
+    # a sample with a third column and labels written as 0.0: the submission has the sample's
+    # first two column names and numeric labels (0.0 is a number, not a class name)
+    sample = _sample(tmp_path, id=[0, 1], label=[0.0, 0.0], usage=["Public", "Private"])
+    assert sample["labels"] == ["0.0", "0.0"]
+    hw2.write_submission(str(tmp_path / "submission.csv"), hw2.make_submission(np.array([3, 9]), sample))
+    assert (tmp_path / "submission.csv").read_text() == "id,label\n0,3\n1,9\n"
+
+
 def test_make_submission_name_labels_become_class_names(tmp_path):
     sub = hw2.make_submission(np.array([0, 9]), _sample(tmp_path, id=[0, 1], label=["cat", "cat"]))
     assert sub["labels"] == ["airplane", "truck"]

@@ -149,6 +149,15 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
                                        "rerun with --resume"], res.stderr[-3000:]
 
 
+def test_a_failed_run_removes_every_output_dir_it_created_and_only_those(tmp_path, monkeypatch):
+    monkeypatch.setattr(hw2, "_CREATED_DIRS", [])
+    (tmp_path / "mine").mkdir()
+    hw2.prepare_output_dir(str(tmp_path / "mine" / "a" / "b" / "c"))  # creates a, a/b, a/b/c
+    assert (tmp_path / "mine" / "a" / "b" / "c").is_dir()
+    hw2._cleanup_partial_outputs()
+    assert os.listdir(tmp_path / "mine") == []  # all three gone, the user's own folder kept
+
+
 # ------------------------------------------------------------------ unknown variables
 
 def test_unknown_hw2_variable_warns_with_the_closest_name(monkeypatch, capsys):

@@ -160,6 +160,25 @@ def test_bf16_speedup_is_measured_on_real_steps_and_leaves_no_trace():
         torch.set_num_threads(threads)
 
 
+def test_bf16_speedup_is_fp32_time_over_bf16_time(monkeypatch):
+    """A stand-in net whose bf16 step takes 50 ms longer: the speed-up reads well below 1 (bf16 is
+    slower, so fp32 is kept); with the ratio turned over it would read well above."""
+    import time
+
+    class SlowInBf16(torch.nn.Module):
+        def __init__(self, *args):
+            super().__init__()
+            self.lin = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            if torch.is_autocast_enabled("cpu"):
+                time.sleep(0.05)
+            return self.lin(x.flatten(1))
+
+    monkeypatch.setattr(hw2, "Net", SlowInBf16)
+    assert hw2.cpu_bf16_speedup(batch=4, pairs=1) < 0.5
+
+
 # ------------------------------------------------------------------ detection
 
 def _cpuinfo_flags():

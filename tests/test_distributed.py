@@ -66,6 +66,7 @@ def processes_mentioning(text):
     ("2", "cpu", 0, None, True, 2),        # the tests' gloo path
     ("auto", "cuda", 1, 3, True, 3),       # torchrun decides
     ("auto", "cpu", 0, 2, True, 2),
+    ("auto", "cuda", 2, 2, False, 2),     # torchrun started the processes: nothing to fork
 ])
 def test_select_world_size(gpus, device, n, torchrun, can_fork, world):
     assert hw2.select_world_size(gpus, device, n, torchrun, can_fork)[0] == world
@@ -136,6 +137,15 @@ def test_shards_are_disjoint_and_gradients_sum_like_one_process(tmp_path):
     for _, n, covers, err in rows:
         assert int(n) == 16 and covers == "True"  # 16 + 16 images: exactly the global batch
         assert float(err) < 1e-4                    # summed gradients = the whole batch's
+
+
+def test_epoch_end_sums_the_counts_and_averages_the_batchnorm_statistics(tmp_path):
+    # rank r: loss r+1, correct 10(r+1), running_mean r+1, its lookahead copy of running_var
+    # 10(r+1), num_batches_tracked 7+r
+    res = helper("end_epoch", tmp_path / "e")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = re.findall(r"^rank (\d): (.*)$", res.stdout, re.M)
+    assert rows == [("0", "3 30 [1.5, 1.5] [15.0, 15.0] 7"), ("1", "3 30 [1.5, 1.5] [15.0, 15.0] 8")], res.stdout
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ sel = hw2.select_hardware
     ((6, 0), CU126, True),
     ((9, 0), ["compute_80"], True),       # PTX is JIT-compiled for newer cards
     ((7, 5), ["compute_80"], False),      # ... but not for older ones
+    ((8, 0), ["compute_86"], False),      # ... nor for an older minor of the same major
     ((12, 0), CU128, True),
     ((10, 3), ["sm_100"], True),          # two-digit major
     ((9, 0), [], False),
@@ -93,6 +94,7 @@ def test_t4_bf16_raises():
 def test_t4_compile_allowed():
     plan = sel("auto", T4, CU128, compile_model=True)
     assert plan["device"] == "cuda" and plan["compile"] is True
+    assert sel("auto", (7, 0), CU126, compile_model=True)["compile"] is True  # a V100: Triton's oldest
 
 
 def test_t4_fp32_and_explicit_preset():
@@ -192,6 +194,22 @@ def test_gpu_failing_its_test_op_falls_back_like_no_gpu(monkeypatch):
     monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: dict(facts, error=None))
     plan = hw2.choose_hardware(_cfg(preset="full"))
     assert (plan["device"], plan["preset"], plan["precision"]) == ("cuda", "full", "fp16")
+
+
+def test_a_failed_probe_is_not_reported_as_no_gpu(monkeypatch):
+    # the probe's child hung or crashed (a broken driver): the note says so, not "no GPU found"
+    failed = "the CUDA probe process failed: running on the CPU"
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: dict(capability=None, arch=[], count=0, name=None,
+                                                               error=None, note=failed))
+    assert hw2.choose_hardware(_cfg(preset="full"))["note"] == failed
+    with pytest.raises(hw2.HW2Error, match=r"^--device cuda: the CUDA probe process failed \(it hung or crashed"):
+        hw2.choose_hardware(_cfg(device="cuda"))
+    # probed in this process, and the card unusable for this build: both are said
+    moved = "a forked process can't start CUDA here (boom): probed in this process"
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: dict(capability=(7, 5), arch=["sm_80"], count=1,
+                                                               name="Tesla T4", error=None, note=moved))
+    note = hw2.choose_hardware(_cfg(preset="full"))["note"]
+    assert note.startswith("GPU unusable (") and note.endswith(f"; {moved}")
 
 
 def test_choose_hardware_device_cuda_without_gpu_raises(no_gpu):

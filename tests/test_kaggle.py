@@ -37,9 +37,17 @@ def test_competition_test_npy_is_found_wherever_mounted(kaggle, mount):
     assert hw2.find_competition_test_npy() == path
 
 
-def test_a_single_test_npy_elsewhere_is_used(kaggle):
-    path = put_test_npy(kaggle / "input" / "my-copy-of-the-competition")
+@pytest.mark.parametrize("where", [["my-copy-of-the-competition"],
+                                   ["datasets", "someone", "my-copy-of-the-competition"]])  # Kaggle's newer mount
+def test_a_single_test_npy_elsewhere_is_used(kaggle, where):
+    path = put_test_npy(kaggle.joinpath("input", *where))
     assert hw2.find_competition_test_npy() == path
+
+
+def test_the_search_for_test_npy_stops_three_folders_deep(kaggle):
+    # a large attached dataset is not walked
+    put_test_npy(kaggle.joinpath("input", "datasets", "someone", "big", "part1"))
+    assert hw2.find_competition_test_npy() is None
 
 
 def test_several_unnamed_test_npy_are_ambiguous(kaggle):

@@ -433,3 +433,30 @@ def test_out_of_memory_while_recording_reaches_the_retry(monkeypatch):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         _two_steps(model, opt, grads)
     assert opt.cuda_graph  # not switched off: the retry builds a new optimizer anyway
+
+
+def test_every_group_follows_the_schedule_from_its_own_base_lr(tmp_path, monkeypatch):
+    """In a real training run, each step's lr of every group is its own peak times lr_factor:
+    Muon's filters from muon_lr, the head from lr (in PyTorch units), the BatchNorm biases
+    bias_lr_scale times that; the epoch line's lr is the head's, as the last step left it."""
+    hp = dict(hw2.PRESETS["smoke"], **MUON)
+    kilo = 1024 * (1 + 1 / (1 - hp["momentum"]))
+    peak = dict(muon=hp["muon_lr"], others=hp["lr"] / kilo, biases=hp["lr"] / kilo * hp["bias_lr_scale"])
+    seen, real_step = [], hw2.MuonSGD.step
+
+    def spy(self, closure=None):
+        biases, others, muon = self.param_groups  # make_optimizer's order
+        assert muon.get("muon") and not others.get("muon") and not biases.get("muon")
+        seen.append(dict(biases=biases["lr"], others=others["lr"], muon=muon["lr"]))
+        return real_step(self, closure)
+
+    monkeypatch.setattr(hw2.MuonSGD, "step", spy)
+    data = train_data(n_train=256, n_val=0)
+    _, history = hw2.train(data, hp, dict(device="cpu", precision="fp32", compile=False), train_cfg(tmp_path),
+                           epochs=2, batch_size=32, log=quiet)
+    total = 2 * 256 // 32
+    assert len(seen) == total
+    for step, lrs in enumerate(seen):
+        f = hw2.lr_factor(step, total, hp["warmup"])
+        assert lrs == pytest.approx({k: v * f for k, v in peak.items()}, rel=1e-12), step
+    assert [r["lr"] for r in history] == pytest.approx([seen[7]["others"], seen[15]["others"]], rel=1e-12)

@@ -352,6 +352,26 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     f = [hw2.lr_factor(s, 100, 0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.2) and max(f) == pytest.approx(1.0)
     assert f.index(max(f)) == 10 and f[100] == 0.0
+    # the warm-up is the first floor(total * warmup) steps: 27 of 100 at 0.275 (not 28)
+    f = [hw2.lr_factor(s, 100, 0.275) for s in range(101)]
+    assert f.index(max(f)) == 27 and f[26] < 1.0
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    cm = hw2.confusion(np.array([1, 1, 2]), np.array([0, 1, 1]), k=3)  # (pred, true)
+    assert cm.tolist() == [[0, 1, 0], [0, 1, 1], [0, 0, 0]]  # cm[true, pred]
+
+
+def test_parameter_count_includes_the_frozen_ones():
+    """metrics.json's `parameters` counts every parameter model.pt stores, the frozen whitening
+    filters and BatchNorm scales too, by hand from the net's shape."""
+    w = (8, 16, 32)
+    m = hw2.Net(w, (True, True, True))
+    convs = 24 * 3 * 2 * 2 + 24 + sum(9 * c_in * c_out + 2 * 9 * c_out * c_out
+                                      for c_in, c_out in zip((24,) + w[:2], w))
+    norms = 3 * 2 * sum(w)  # three BatchNorms per group, weight and bias each
+    assert hw2.count_params(m) == convs + norms + 10 * w[-1]
+    assert hw2.count_params(m) > sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- submission
@@ -386,6 +406,17 @@ def _cfg(tmp_path, **kw):
     base = dict(preset="smoke", seed=0, output_dir=str(tmp_path), resume=False, epochs=None)
     base.update(kw)
     return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("preset,scored", [("smoke", [True, True, True]), ("full", [True, True, True]),
+                                           ("quick", [False, False, True]), ("fast", [False, False, True])])
+def test_short_presets_score_the_hold_out_after_the_last_epoch_only(tmp_path, preset, scored):
+    # quick (2 CPU cores) and fast (seconds on a GPU) can't spare an evaluation per epoch
+    x, y = hw2.synthetic_cifar(192, seed=0)
+    data = dict(train_x=x[:128], train_y=y[:128], val_x=x[128:], val_y=y[128:])
+    _, history = hw2.train(data, dict(hw2.PRESETS["smoke"]), dict(device="cpu", precision="fp32", compile=False),
+                           _cfg(tmp_path, preset=preset), epochs=3, batch_size=32, log=lambda s: None)
+    assert [r["val_acc"] is not None for r in history] == scored
 
 
 def test_smoke_training_loss_falls(tmp_path):

@@ -24,16 +24,23 @@ needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
 
 
 # ---------------------------------------------------------------- OOM retry
-def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cycle", [False, True])
+def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatch, cycle):
     """The real train(): attempt 1 dies of OOM mid-training; when attempt 2 builds its optimizer,
     attempt 1's model and its on-device training set must already be garbage, and the cache freed
-    after that (a retry inside the `except` block keeps them alive through the traceback)."""
+    after that (a retry inside the `except` block keeps them alive through the traceback). With
+    `cycle`, attempt 1's model sits in a reference cycle (as compiled or DDP-wrapped models can),
+    which only a garbage collection frees: the automatic one is off for the test."""
     attempts, events = [], []
     real_make_optimizer, real_lr_factor = hw2.make_optimizer, hw2.lr_factor
 
     def spy_make_optimizer(model, hp, batch_size, **kw):
         if attempts:  # the retry starts: is the first attempt gone?
             events.append(("retry starts", attempts[0]["model"]() is None, attempts[0]["param"]() is None))
+        elif cycle:
+            loop = {"model": model}
+            loop["loop"] = loop
+            model.__dict__["_loop"] = loop  # past nn.Module's __setattr__: a plain attribute
         attempts.append(dict(model=weakref.ref(model), param=weakref.ref(model.groups[0].conv1.weight),
                              batch=batch_size))
         return real_make_optimizer(model, hp, batch_size, **kw)
@@ -53,7 +60,12 @@ def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "empty_cache", fake_empty_cache)
     hp = dict(hw2.PRESETS["smoke"], epochs=1)
     cfg = _cfg(tmp_path, resume=False)
-    model, history, batch = hw2.train_with_oom_retry(_data(), hp, CPU, cfg)
+    if cycle:
+        gc.disable()
+    try:
+        model, history, batch = hw2.train_with_oom_retry(_data(), hp, CPU, cfg)
+    finally:
+        gc.enable()
     assert [a["batch"] for a in attempts] == [32, 16] and batch == 16 and len(history) == 1
     assert events == [("empty_cache", True), ("retry starts", True, True)], events
 
@@ -75,6 +87,16 @@ def test_oom_positive_control_a_live_reference_is_seen(tmp_path, monkeypatch):
     hw2.train(_data(), dict(hw2.PRESETS["smoke"]), CPU, _cfg(tmp_path), 1, 16, log=_quiet)
     gc.collect()
     assert seen == [False]
+
+
+def test_fp16_loss_scale_starts_from_the_batch_trained(tmp_path):
+    # 1024 asked for, 320 images: the batch is 320, and so is the batch the scale is sized for
+    # (likewise the half batch of an out-of-memory retry), not the preset's
+    stats = {}
+    hw2.train(_data(), dict(hw2.PRESETS["smoke"]), dict(CPU, precision="fp16"), _cfg(tmp_path), 1, 1024,
+              log=_quiet, stats=stats)
+    assert stats["fp16_scale"]["init"] == hw2.fp16_loss_scale(320) == 256
+    assert hw2.fp16_loss_scale(320) not in (hw2.fp16_loss_scale(1024), hw2.fp16_loss_scale(32))
 
 
 # ---------------------------------------------------------------- lookahead's last update
