@@ -457,8 +457,6 @@ def configure_determinism(deterministic, autotune="off"):
     torch.backends.cudnn.benchmark = autotune == "on"
 
 
-
-
 def prepare_output_dir(path):
     """Create `path` and prove it is writable now, so a bad dir fails before any training."""
     path = os.path.abspath(path)
