@@ -56,6 +56,15 @@ def run_hw2(*args, env=None, timeout=600, cwd=None):
                           cwd=cwd or ROOT)
 
 
+CPU = dict(device="cpu", precision="fp32", compile=False)  # the hardware plan hw2.train reads
+
+
+def sgd_kilo(momentum):
+    """The divisor from the presets' per-1024-examples lr/wd to PyTorch SGD's, restated from the
+    airbench convention hw2.make_optimizer follows: 1024 * (1 + 1/(1 - momentum))."""
+    return 1024 * (1 + 1 / (1 - momentum))
+
+
 def train_cfg(tmp_path, **kw):
     """The config `hw2.train` reads, for calling it directly (smoke preset, checkpoint every epoch)."""
     import argparse

@@ -56,14 +56,20 @@ def lr_factor(step, total, warmup):
     return _lr_factor(step, total, warmup)
 
 
+def _join(rank, world, workdir):
+    """Rank `rank` joins a gloo group of `world` through a file store in `workdir`."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
+                            rank=rank, world_size=world)
+
+
 def check_grads(rank, world, workdir):
     """One step through DataParallel's shard + DDP wrap equals one process on the whole batch."""
     import torch
     import torch.distributed as dist
     import torch.nn as nn
     import torch.nn.functional as F
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
-                            rank=rank, world_size=world)
+    _join(rank, world, workdir)
     dp = hw2.DataParallel(rank, world)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
@@ -89,8 +95,7 @@ def check_end_epoch(rank, world, workdir):
     import torch
     import torch.distributed as dist
     import torch.nn as nn
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
-                            rank=rank, world_size=world)
+    _join(rank, world, workdir)
     model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     lookahead = hw2.Lookahead(model)
     with torch.no_grad():

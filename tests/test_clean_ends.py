@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 import hw2
-from conftest import ROOT
+from conftest import ROOT, run_hw2
 
 
 pytestmark = pytest.mark.usefixtures("no_hw2_env")
@@ -140,10 +140,8 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
                                       "time.sleep(30)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
-    env.update(PYTHONPATH=str(tmp_path / "stand_in"))
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "hw2.py"), "--output-dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
+    res = run_hw2("--output-dir", tmp_path / "out", env={"PYTHONPATH": str(tmp_path / "stand_in")},
+                  timeout=60, cwd=tmp_path)
     assert res.returncode != 0 and res.stdout == ""
     assert res.stderr.splitlines() == ["hw2: interrupted; a checkpoint (if any) is in the output dir: "
                                        "rerun with --resume"], res.stderr[-3000:]

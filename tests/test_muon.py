@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import quiet, train_cfg, train_data
+from conftest import CPU, quiet, sgd_kilo, train_cfg, train_data
 
 MUON = {k: hw2.PRESETS["fast"][k] for k in ("muon_lr", "muon_momentum")}  # what --optimizer muon adds
 
@@ -73,8 +73,7 @@ def test_newton_schulz_dtype_follows_the_runs_half_type_on_a_gpu(tmp_path, monke
     seen, real = [], hw2.orthogonalize
     monkeypatch.setattr(hw2, "orthogonalize", lambda g, steps, dtype=torch.float32: seen.append(dtype) or real(g, steps, dtype))
     monkeypatch.setattr(hw2, "newton_schulz_dtype", lambda device, precision: "float16")  # as on a GPU in fp16
-    cpu = dict(device="cpu", precision="fp32", compile=False)
-    hw2.train(train_data(), dict(hw2.PRESETS["smoke"], **MUON), cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    hw2.train(train_data(), dict(hw2.PRESETS["smoke"], **MUON), CPU, train_cfg(tmp_path), 1, 32, log=quiet)
     assert len(seen) == 10 * 4 and set(seen) == {torch.float16}  # 10 steps × 4 filter shapes (smoke net)
 
 
@@ -196,20 +195,18 @@ def test_optimizer_flag_overrides_the_preset(monkeypatch):
 def test_resume_refuses_a_checkpoint_of_other_widths(tmp_path):
     # --widths changes the weights' shapes: refused with the one-line "another run" error, not a
     # load_state_dict size-mismatch traceback
-    cpu = dict(device="cpu", precision="fp32", compile=False)
     hp = dict(hw2.PRESETS["smoke"])
-    hw2.train(train_data(), hp, cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    hw2.train(train_data(), hp, CPU, train_cfg(tmp_path), 1, 32, log=quiet)
     with pytest.raises(hw2.HW2Error, match="from another run"):
-        hw2.train(train_data(), dict(hp, widths=(8, 16, 32)), cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
-    hw2.train(train_data(), hp, cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
+        hw2.train(train_data(), dict(hp, widths=(8, 16, 32)), CPU, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
+    hw2.train(train_data(), hp, CPU, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_optimizer(tmp_path):
-    cpu = dict(device="cpu", precision="fp32", compile=False)
     sgd = dict(hw2.PRESETS["smoke"])
-    hw2.train(train_data(), sgd, cpu, train_cfg(tmp_path), 1, 32, log=quiet)
+    hw2.train(train_data(), sgd, CPU, train_cfg(tmp_path), 1, 32, log=quiet)
     with pytest.raises(hw2.HW2Error, match="from another run"):
-        hw2.train(train_data(), dict(sgd, **MUON), cpu, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
+        hw2.train(train_data(), dict(sgd, **MUON), CPU, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)
 
 
 # ------------------------------------------------ fp16: GradScaler without a host sync per step
@@ -386,7 +383,7 @@ def test_train_with_muons_step_replayed_gives_the_eager_model(tmp_path, monkeypa
             monkeypatch.setattr(hw2, "capture_cuda_graph", _stand_in_graph(recorded))
             monkeypatch.setattr(hw2, "make_optimizer", lambda *a, **kw: real(*a, **dict(kw, cuda_graph=True)))
         (tmp_path / str(graph)).mkdir()
-        model, history = hw2.train(train_data(), hp, dict(device="cpu", precision="fp32", compile=False),
+        model, history = hw2.train(train_data(), hp, CPU,
                                    train_cfg(tmp_path / str(graph)), 2, 32, log=quiet, stats=stats)
         runs[graph] = (model, history, stats["cuda_graph"], len(recorded))
     (eager, h0, g0, _), (replayed, h1, g1, n_recorded) = runs[False], runs[True]
@@ -440,7 +437,7 @@ def test_every_group_follows_the_schedule_from_its_own_base_lr(tmp_path, monkeyp
     Muon's filters from muon_lr, the head from lr (in PyTorch units), the BatchNorm biases
     bias_lr_scale times that; the epoch line's lr is the head's, as the last step left it."""
     hp = dict(hw2.PRESETS["smoke"], **MUON)
-    kilo = 1024 * (1 + 1 / (1 - hp["momentum"]))
+    kilo = sgd_kilo(hp["momentum"])
     peak = dict(muon=hp["muon_lr"], others=hp["lr"] / kilo, biases=hp["lr"] / kilo * hp["bias_lr_scale"])
     seen, real_step = [], hw2.MuonSGD.step
 
@@ -452,7 +449,7 @@ def test_every_group_follows_the_schedule_from_its_own_base_lr(tmp_path, monkeyp
 
     monkeypatch.setattr(hw2.MuonSGD, "step", spy)
     data = train_data(n_train=256, n_val=0)
-    _, history = hw2.train(data, hp, dict(device="cpu", precision="fp32", compile=False), train_cfg(tmp_path),
+    _, history = hw2.train(data, hp, CPU, train_cfg(tmp_path),
                            epochs=2, batch_size=32, log=quiet)
     total = 2 * 256 // 32
     assert len(seen) == total

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import cifar_with_test_batch, run_hw2
+from conftest import CPU, cifar_with_test_batch, run_hw2, train_data
 
 
 # ---------------------------------------------------------------- data loading
@@ -412,9 +412,7 @@ def _cfg(tmp_path, **kw):
                                            ("quick", [False, False, True]), ("fast", [False, False, True])])
 def test_short_presets_score_the_hold_out_after_the_last_epoch_only(tmp_path, preset, scored):
     # quick (2 CPU cores) and fast (seconds on a GPU) can't spare an evaluation per epoch
-    x, y = hw2.synthetic_cifar(192, seed=0)
-    data = dict(train_x=x[:128], train_y=y[:128], val_x=x[128:], val_y=y[128:])
-    _, history = hw2.train(data, dict(hw2.PRESETS["smoke"]), dict(device="cpu", precision="fp32", compile=False),
+    _, history = hw2.train(train_data(n_train=128, n_val=64), dict(hw2.PRESETS["smoke"]), CPU,
                            _cfg(tmp_path, preset=preset), epochs=3, batch_size=32, log=lambda s: None)
     assert [r["val_acc"] is not None for r in history] == scored
 
@@ -423,8 +421,7 @@ def test_smoke_training_loss_falls(tmp_path):
     x, y = hw2.synthetic_cifar(768, seed=0)
     data = dict(train_x=x[:640], train_y=y[:640], val_x=x[640:], val_y=y[640:])
     hp = dict(hw2.PRESETS["smoke"])
-    hw = dict(device="cpu", precision="fp32", compile=False)
-    model, history = hw2.train(data, hp, hw, _cfg(tmp_path), epochs=6, batch_size=32, log=lambda s: None)
+    model, history = hw2.train(data, hp, CPU, _cfg(tmp_path), epochs=6, batch_size=32, log=lambda s: None)
     losses = [r["train_loss"] for r in history]
     assert losses[-1] < 0.75 * losses[0], losses
     assert history[-1]["val_acc"] > 0.5  # ten learnable patterns: far above chance
@@ -443,7 +440,7 @@ def test_train_times_its_setup_apart_from_its_epochs(tmp_path, monkeypatch):
     data = dict(train_x=x, train_y=y, val_x=x[:0], val_y=y[:0])
     stats = {}
     t0 = time.time()
-    _, history = hw2.train(data, dict(hw2.PRESETS["smoke"]), dict(device="cpu", precision="fp32", compile=False),
+    _, history = hw2.train(data, dict(hw2.PRESETS["smoke"]), CPU,
                            _cfg(tmp_path, checkpoint_every=1e9), epochs=2, batch_size=64, log=lambda s: None,
                            stats=stats)
     wall = time.time() - t0

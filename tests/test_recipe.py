@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import hw2
-from conftest import killed_after_first_save, quiet as _quiet, run_hw2, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
+from conftest import CPU, killed_after_first_save, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
-CPU = dict(device="cpu", precision="fp32", compile=False)
 # Inductor's CPU backend builds its kernels with a C++ compiler
 needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
                                reason="no C++ compiler: Inductor's CPU backend cannot build kernels here")
@@ -198,7 +197,7 @@ def test_weight_decay_is_per_image_and_decoupled_from_the_lr(name):
     1024*(1 + 1/(1-m)): twice as much at twice the batch, the same at any lr or lr scale."""
     hp = dict(hw2.PRESETS["smoke"])
     m = hp["momentum"]
-    kilo = 1024 * (1 + 1 / (1 - m))
+    kilo = sgd_kilo(m)
     shrink = {}
     for b, lr in ((32, hp["lr"]), (64, hp["lr"]), (32, 3 * hp["lr"])):
         before, after = _one_sgd_step(dict(hp, lr=lr), b, 0.0)

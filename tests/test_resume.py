@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import killed_after_first_save, quiet, run_hw2, train_cfg, train_data
+from conftest import CPU, killed_after_first_save, quiet, run_hw2, train_cfg, train_data
 
 FILES = ("submission.csv", "answers.json", "metrics.json", "model.pt", "checkpoint.pt")
 HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
@@ -260,14 +260,13 @@ def test_predict_only_in_an_empty_dir_fails(base, tmp_path):
 def test_resume_refuses_a_checkpoint_of_other_numerics(tmp_path, change):
     # fp16/bf16/fp32 and deterministic kernels change the arithmetic (and the scaler's state):
     # continuing with other settings would not reproduce the run that wrote the checkpoint
-    hw = dict(device="cpu", precision="fp32", compile=False)
     hp = hw2.PRESETS["smoke"]
-    hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 1, 32, log=quiet)
-    hw_b = dict(hw, precision=change.get("precision", "fp32"))
+    hw2.train(train_data(), hp, CPU, train_cfg(tmp_path), 1, 32, log=quiet)
+    hw_b = dict(CPU, precision=change.get("precision", "fp32"))
     cfg_b = train_cfg(tmp_path, resume=True, deterministic=change.get("deterministic", False))
     with pytest.raises(hw2.HW2Error, match="from another run"):
         hw2.train(train_data(), hp, hw_b, cfg_b, 1, 32, log=quiet)
-    hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
+    hw2.train(train_data(), hp, CPU, train_cfg(tmp_path, resume=True), 1, 32, log=quiet)  # control
 
 
 def test_usable_cpus_follows_the_affinity_mask(monkeypatch):
@@ -406,18 +405,17 @@ def _first_momentum(ck):
 def test_resume_with_damaged_optimizer_state_is_one_line(tmp_path, monkeypatch, damage):
     # a mid-run checkpoint (killed after epoch 1 of 2) whose run identity matches, so only the
     # state past it is wrong: an HW2Error, not a KeyError now or a shape error at the first step
-    hw = dict(device="cpu", precision="fp32", compile=False)
     hp = hw2.PRESETS["smoke"]
-    killed_after_first_save(monkeypatch, lambda: hw2.train(train_data(), hp, hw, train_cfg(tmp_path), 2, 32, log=quiet))
+    killed_after_first_save(monkeypatch, lambda: hw2.train(train_data(), hp, CPU, train_cfg(tmp_path), 2, 32, log=quiet))
     path = tmp_path / "checkpoint.pt"
     good = path.read_bytes()
     ck = torch.load(path, weights_only=True)
     assert ck["epoch"] == 0 and "opt" in ck and "momentum_buffer" in _first_momentum(ck)  # mid-run
     torch.save(damage(ck), path)
     with pytest.raises(hw2.HW2Error, match=r"--resume: .*checkpoint\.pt: damaged optimizer or generator state"):
-        hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
+        hw2.train(train_data(), hp, CPU, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
     path.write_bytes(good)  # control: the undamaged checkpoint resumes to the end
-    _, history = hw2.train(train_data(), hp, hw, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
+    _, history = hw2.train(train_data(), hp, CPU, train_cfg(tmp_path, resume=True), 2, 32, log=quiet)
     assert len(history) == 2
 
 
