@@ -75,6 +75,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -354,6 +355,10 @@ def build_parser():
     p.add_argument("--cuda-graph", choices=ON_OFF, default=_env_choice("cuda_graph", ON_OFF, "on"),
                    help="on a GPU, replay Muon's optimizer step from a captured CUDA graph: one launch "
                         "instead of ~140 small ones (off: the same update, issued op by op)")
+    p.add_argument("--prewarm", choices=ON_OFF, default=_env_choice("prewarm", ON_OFF, "off"),
+                   help="on one GPU, start CUDA (its context, cuDNN's and cuBLAS's libraries) in a "
+                        "background thread while the data loads, not at training's first CUDA call "
+                        "(off by default until a GPU measures it)")
     p.add_argument("--checkpoint-every", type=float, default=_env_number("checkpoint_every", 60.0, float),
                    metavar="SECONDS", help="write checkpoint.pt at the first epoch end this long after "
                                            "the last one (0: every epoch) and after the last epoch")
@@ -2145,6 +2150,14 @@ def load_data(cfg, preset):
 # `torch.cuda.is_available()` initialises the CUDA driver, after which this process could no
 # longer fork training processes that use the GPUs (see "Several GPUs"). The number of
 # processes is a second pure function of (`--gpus`, device, GPU count, torchrun).
+#
+# With `--prewarm on` and one process on one GPU, CUDA starts in a background thread while the
+# data loads: the driver and the context, and cuDNN's and cuBLAS's libraries and handles (a
+# handle made in a thread goes back to PyTorch's pool when the thread ends, and the training
+# thread takes it from there). Otherwise `train()`'s first CUDA call pays that, inside the
+# training time. Nothing the run computes changes: the thread finishes before training starts,
+# draws no random numbers, and keeps nothing but what CUDA keeps per process. The training time
+# still counts whatever the thread had left to do when training began (`seconds.train_prewarm_wait`).
 
 # %%
 def cuda_arch_supported(capability, arch_list):
@@ -2309,6 +2322,75 @@ def choose_hardware(cfg):
     return plan
 
 
+def prewarm_plan(cfg, hw):
+    """Pure: (flags, hardware plan) -> (start CUDA in a background thread?, note). Only where this
+    one process trains on a GPU: ranks are forked from a parent that must not have started CUDA."""
+    if getattr(cfg, "prewarm", "off") != "on":
+        return False, ""
+    if hw["device"] != "cuda":
+        return False, "--prewarm on: the run is on the CPU, which has no CUDA to start; not used"
+    if hw["world_size"] > 1:
+        return False, (f"--prewarm on: {hw['world_size']} processes train, and their parent must not "
+                       "start CUDA before forking them; not used")
+    return True, ""
+
+
+def prewarm_cuda(device="cuda", dtype=torch.float16):
+    """What a CUDA run pays once per process, paid here: the context (the first allocation),
+    cuDNN's libraries and a handle (a channels-last convolution, forward and backward), cuBLAS's
+    (a matmul). The results are dropped: only the per-process state stays."""
+    x = torch.zeros(2, 8, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(8, 8, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    F.conv2d(x.requires_grad_(), w.contiguous(memory_format=torch.channels_last), padding=1).sum().backward()
+    a = torch.zeros(16, 16, device=device, dtype=dtype)
+    (a @ a).sum().item()  # waits for the GPU: the thread ends with its work done
+
+
+class Prewarm(threading.Thread):
+    """prewarm_cuda() in a background thread. A failure is kept as a one-line note (train() meets
+    the fault itself and reports it). Not a daemon: an early exit (a bad data file, Ctrl-C) waits
+    the second it takes rather than tear CUDA down under it."""
+
+    def __init__(self):
+        super().__init__(name="hw2-prewarm")
+        self.seconds, self.error = None, None
+
+    def run(self):
+        t = time.time()
+        try:
+            prewarm_cuda()
+        except Exception as e:  # reported by join_prewarm, not raised in a thread
+            self.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        self.seconds = round(time.time() - t, 3)
+
+
+def start_prewarm(cfg, hw):
+    """The Prewarm thread, started, where prewarm_plan wants one (None otherwise)."""
+    wanted, note = prewarm_plan(cfg, hw)
+    if note:
+        print("note:", note)
+    if not wanted or torch.cuda.is_initialized():  # CUDA already up in this kernel: nothing to start
+        return None
+    thread = Prewarm()
+    thread.start()
+    return thread
+
+
+def join_prewarm(thread, stats):
+    """Wait for the thread at the start of the training time, which so counts what it had left to
+    do; `stats` (train()'s) gets the wait and the thread's own record."""
+    if thread is None:
+        return
+    t = time.time()
+    thread.join()
+    waited = round(time.time() - t, 3)
+    stats.setdefault("seconds", {})["prewarm_wait"] = waited
+    stats["prewarm"] = dict(seconds=thread.seconds, waited=waited, error=thread.error)
+    if thread.error:
+        print(f"note: --prewarm: CUDA's start in the background failed ({thread.error}); "
+              "training starts it itself")
+
+
 def _cpuinfo():
     """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields = {}
@@ -2345,11 +2427,13 @@ def cpu_record(bf16_speedup=None):
                 isa=torch.backends.cpu.get_cpu_capability(), bf16_speedup=bf16_speedup)
 
 
+# %%
 if RUN and not CFG.answers_only:
     HW = choose_hardware(CFG)
     CFG.preset = HW["preset"]
     if HW["note"]:
         print("note:", HW["note"])
+    PREWARM = start_prewarm(CFG, HW)  # --prewarm on: CUDA starts while the data loads
     T0 = time.time()
     DATA = load_data(CFG, PRESETS[CFG.preset])
     T_DATA = time.time() - T0
@@ -3459,6 +3543,7 @@ if RUN and not CFG.answers_only:
     if HW["device"] == "cpu":
         torch.set_num_threads(usable_cpus())
     T0 = time.time()
+    join_prewarm(PREWARM, TRAIN_STATS)
     if CFG.predict_only:
         MODEL_PATH = existing_output(CFG, "model.pt", "--predict-only", "train first")
         _saved = load_checkpoint(MODEL_PATH)
@@ -3652,7 +3737,7 @@ if RUN and not CFG.answers_only:
         # what a reproduction must match: same accelerator, same seed, same torch/CUDA/cuDNN
         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if HW["device"] == "cuda" else None,
         deterministic=CFG.deterministic, autotune=CFG.autotune, compile=HW["compile"],
-        cuda_graph=TRAIN_STATS.get("cuda_graph"),
+        cuda_graph=TRAIN_STATS.get("cuda_graph"), prewarm=TRAIN_STATS.get("prewarm"),
         submission_sha256=sha256_file(OUTPUTS["submission"]) if "submission" in OUTPUTS else None,
         flops=FLOPS,
         checkpoint=TRAIN_STATS.get("checkpoint"), fp16_scale=TRAIN_STATS.get("fp16_scale"),
@@ -3664,7 +3749,8 @@ if RUN and not CFG.answers_only:
         tta=HP["tta"], history=HISTORY,
         seconds=dict(answers=round(T_ANSWERS, 2), data=round(T_DATA, 2), precision=round(T_PRECISION, 2),
                      train=round(T_TRAIN, 2), predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2),
-                     # parts of `train` (--predict-only: none): the CUDA context, the set-up before epoch 1
+                     # parts of `train`: the wait for --prewarm's thread, the CUDA context, the
+                     # set-up before epoch 1 (--predict-only: the wait alone, if any)
                      **{f"train_{k}": v for k, v in TRAIN_STATS.get("seconds", {}).items()}),
     )
     if not CFG.skip_answers:

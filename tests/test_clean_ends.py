@@ -180,12 +180,15 @@ def test_every_flag_has_its_variable(capsys, monkeypatch):
 
 # ------------------------------------------------------------------ the notebook
 
-def execute_copy(tmp_path, env, monkeypatch):
-    """Run a copy of hw2.ipynb in a fresh kernel (cwd tmp_path); returns (notebook, raised)."""
+def execute_copy(tmp_path, env, monkeypatch, edit=None):
+    """Run a copy of hw2.ipynb in a fresh kernel (cwd tmp_path); returns (notebook, raised).
+    `edit(nb)` may change the copy first (e.g. insert a cell of stand-ins)."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(os.path.join(ROOT, "hw2.ipynb"), as_version=4)
+    if edit:
+        edit(nb)
     client = NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     try:
@@ -220,3 +223,30 @@ def test_notebook_trains_on_two_forked_ranks(tmp_path, monkeypatch, tiny_cifar_d
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["n_test"] == 20
     shutil.rmtree(tmp_path / "out")
+
+
+def test_notebook_counts_the_prewarm_wait_in_the_training_time(tmp_path, monkeypatch, tiny_cifar_dir):
+    """--prewarm's glue in the real program: the thread starts before the data load, and the
+    training cell waits for it inside the training time, where metrics.json records the wait.
+    Only the GPU's parts are stand-ins, in a cell inserted before the data cell: the plan of a run
+    on one GPU, and a CUDA start that outlasts the data load (a tiny folder: ~0.1 s; fp32 pinned,
+    so that no bf16 timing runs in between)."""
+    def stand_ins(nb):
+        at = next(i for i, c in enumerate(nb.cells) if "PREWARM = start_prewarm(" in c.source)
+        assert nb.cells[at].source.startswith("if RUN")  # the data cell, apart from the definitions
+        nb.cells.insert(at, nbformat.v4.new_code_cell(
+            "prewarm_plan = lambda cfg, hw: (True, '')\n"
+            "def prewarm_cuda():\n    time.sleep(1.5)"))
+
+    nb, raised = execute_copy(tmp_path, {"HW2_PRESET": "smoke", "HW2_DATA_DIR": tiny_cifar_dir,
+                                         "HW2_OUTPUT_DIR": "out", "HW2_SKIP_ANSWERS": "1", "HW2_PRECISION": "fp32"},
+                              monkeypatch, stand_ins)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert not raised, text[-3000:]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    s, epochs = m["seconds"], sum(r["seconds"] for r in m["history"])
+    assert m["prewarm"]["error"] is None and m["prewarm"]["seconds"] >= 1.5
+    # what the thread had left when training began: most of it, since the data load is short
+    assert 0.5 < s["train_prewarm_wait"] == m["prewarm"]["waited"] <= m["prewarm"]["seconds"]
+    # inside the training time, beside its other parts
+    assert s["train"] >= s["train_prewarm_wait"] + s["train_setup"] + epochs

@@ -215,3 +215,83 @@ def test_a_failed_probe_is_not_reported_as_no_gpu(monkeypatch):
 def test_choose_hardware_device_cuda_without_gpu_raises(no_gpu):
     with pytest.raises(hw2.HW2Error, match="no CUDA GPU"):
         hw2.choose_hardware(_cfg(device="cuda"))
+
+
+# ------------------------------------------------------------------ --prewarm
+
+ON = argparse.Namespace(prewarm="on")
+ONE_GPU = dict(device="cuda", world_size=1)
+
+
+def test_prewarm_flag_and_variable(monkeypatch):
+    assert hw2.parse_config([]).prewarm == "off"  # until a card measures it (tools/device_summary.py's rule)
+    assert hw2.parse_config(["--prewarm", "on"]).prewarm == "on"
+    monkeypatch.setenv("HW2_PREWARM", "on")
+    assert hw2.parse_config([]).prewarm == "on"
+
+
+def test_prewarm_plan_only_for_one_process_on_a_gpu():
+    assert hw2.prewarm_plan(ON, ONE_GPU) == (True, "")
+    assert hw2.prewarm_plan(argparse.Namespace(prewarm="off"), ONE_GPU) == (False, "")
+    assert hw2.prewarm_plan(argparse.Namespace(), ONE_GPU) == (False, "")  # a config from before the flag
+    ok, note = hw2.prewarm_plan(ON, dict(ONE_GPU, device="cpu"))
+    assert not ok and note == "--prewarm on: the run is on the CPU, which has no CUDA to start; not used"
+    # forked ranks need a parent that has not started CUDA (test_distributed.py)
+    ok, note = hw2.prewarm_plan(ON, dict(ONE_GPU, world_size=2))
+    assert not ok and note.startswith("--prewarm on: 2 processes train, and their parent must not start CUDA")
+
+
+def test_prewarm_runs_in_a_thread_joined_inside_the_training_time(monkeypatch, tmp_path):
+    import threading
+    import time
+    from conftest import CPU, quiet, train_cfg, train_data
+    ran = []
+
+    def slow():
+        ran.append(threading.current_thread().name)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(hw2, "prewarm_cuda", slow)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    cfg = train_cfg(tmp_path, prewarm="on")
+    thread = hw2.start_prewarm(cfg, ONE_GPU)
+    assert thread.is_alive() and not thread.daemon  # an early exit waits for it (no CUDA teardown under it)
+    stats = {}
+    hw2.join_prewarm(thread, stats)
+    assert ran == ["hw2-prewarm"] and not thread.is_alive()
+    # the caller waited for what was left (nearly all of it here), which the thread's own time bounds
+    assert 0.2 < stats["seconds"]["prewarm_wait"] <= stats["prewarm"]["seconds"] + 0.05
+    assert stats["prewarm"] == dict(seconds=stats["prewarm"]["seconds"], waited=stats["seconds"]["prewarm_wait"],
+                                    error=None)
+    # train() keeps the wait beside its own parts: metrics.json's seconds.train_prewarm_wait
+    hw2.train(train_data(), hw2.PRESETS["smoke"], CPU, cfg, 1, 32, log=quiet, stats=stats)
+    assert set(stats["seconds"]) == {"prewarm_wait", "cuda_init", "setup"}
+    # nothing started: CUDA already up in this kernel, or a run the plan excludes; no thread, no record
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert hw2.start_prewarm(cfg, ONE_GPU) is None
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert hw2.start_prewarm(cfg, dict(ONE_GPU, world_size=2)) is None
+    stats = {}
+    hw2.join_prewarm(None, stats)
+    assert stats == {} and len(ran) == 1
+
+
+def test_a_failed_prewarm_is_a_note_and_training_goes_on(monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+
+    monkeypatch.setattr(hw2, "prewarm_cuda", broken)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    stats = {}
+    hw2.join_prewarm(hw2.start_prewarm(ON, ONE_GPU), stats)
+    assert stats["prewarm"]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert capsys.readouterr().out == ("note: --prewarm: CUDA's start in the background failed (RuntimeError: "
+                                       "CUDA error: out of memory); training starts it itself\n")
+
+
+def test_prewarm_ops_draw_no_random_numbers():
+    # what the thread runs, on the CPU: a conv forward and backward and a matmul, and the global
+    # generator (the run's seed) untouched, so a run is the same with the thread or without
+    before = torch.get_rng_state()
+    hw2.prewarm_cuda("cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -239,8 +239,8 @@ def test_device_summary_splits_a_fresh_processs_train_time(tmp_path, capsys):
     ds.run("fast_s0", str(tmp_path / "metrics.json"), "0", "0", "--preset fast")
     row = json.loads(capsys.readouterr().out)
     parts = ds.train_parts(row)
-    assert parts == pytest.approx(dict(cuda_init=0.25, setup=0.15, first_epoch=0.95, later_epochs=1.68,
-                                       checkpoints=0.05, rest=0.12))
+    assert parts == pytest.approx(dict(prewarm_wait=0.0, cuda_init=0.25, setup=0.15, first_epoch=0.95,
+                                       later_epochs=1.68, checkpoints=0.05, rest=0.12))
     assert sum(parts.values()) == pytest.approx(row["train_s"])
     one = dict(m, history=m["history"][:1])  # one epoch: no later ones, not a rounding remainder
     (tmp_path / "metrics.json").write_text(json.dumps(one))
@@ -248,9 +248,74 @@ def test_device_summary_splits_a_fresh_processs_train_time(tmp_path, capsys):
     assert ds.train_parts(json.loads(capsys.readouterr().out))["later_epochs"] == 0.0
     line = ds.parts_line([row, dict(row, predict_s=0.5)])
     assert "cuda init 0.25 + setup 0.15" in line and "rest 0.12 s" in line and "predict 0.40 s" in line
+    # with --prewarm on: the wait for the thread is a part of its own, not the rest
+    pw = dict(m, seconds=dict(m["seconds"], train_prewarm_wait=0.08, train_cuda_init=0.01),
+              prewarm=dict(seconds=0.4, waited=0.08, error=None))
+    (tmp_path / "metrics.json").write_text(json.dumps(pw))
+    ds.run("fast_s0_prewarm", str(tmp_path / "metrics.json"), "0", "0", "--preset fast --prewarm on")
+    pw_row = json.loads(capsys.readouterr().out)
+    assert pw_row["prewarm"] == pw["prewarm"]
+    assert ds.train_parts(pw_row) == pytest.approx(dict(parts, prewarm_wait=0.08, cuda_init=0.01, rest=0.28))
     # a metrics.json from before the parts were recorded: no split, no line
     old = {k: v for k, v in row.items() if k not in ("cuda_init_s", "setup_s", "later_epochs_s")}
     assert ds.train_parts(old) is None and ds.parts_line([old]) is None
     # a --resume'd run: its history holds an earlier process's epochs, more than its train time
     resumed = dict(row, later_epochs_s=row["later_epochs_s"] + 1.0)
     assert ds.train_parts(resumed) is None and ds.parts_line([resumed, row]).endswith("(mean of 1 fresh processes)")
+
+
+def test_prewarm_rule_wants_the_same_bytes_and_a_gain_on_every_seed():
+    ds = _tool("device_summary")
+
+    def run(name, t, sha="a", prewarm=True):
+        return dict(name=name, train_s=t - 0.3, predict_s=0.3, sha256=sha, cuda_init_s=0.0, prewarm_wait_s=0.0,
+                    prewarm=dict(seconds=0.4, waited=0.0, error=None) if prewarm and name.endswith("_prewarm") else None)
+
+    def verdict(on_times, off_times=(3.4, 3.2, 3.3), **kw):
+        ok = {}
+        for s, (off, on) in enumerate(zip(off_times, on_times)):
+            ok[f"fast_s{s}"] = run(f"fast_s{s}", off, sha=f"sha{s}")
+            ok[f"fast_s{s}_prewarm"] = run(f"fast_s{s}_prewarm", on, **dict(dict(sha=f"sha{s}"), **kw))
+        ok["fast_s0_det"] = run("fast_s0_det", 1.0)  # other runs of the call are no pair
+        lines = ds.prewarm_rule(ok)
+        assert len(lines) == 2 + len(on_times) + 1
+        return lines[-1]
+
+    assert verdict((3.0, 2.9, 3.1)).startswith("ADOPT: --prewarm on by default")
+    # exactly +0.1 s on average, as floats compute it
+    assert verdict((3.3, 3.1, 3.2)).startswith("ADOPT"), verdict((3.3, 3.1, 3.2))
+    small = verdict((3.35, 3.15, 3.25))
+    assert small.startswith("KEEP --prewarm off") and "mean gain +0.050 s >= 0.1 s: NO" in small
+    mixed = verdict((2.6, 3.3, 3.1))  # a large mean from one seed, slower on another
+    assert mixed.startswith("KEEP") and "faster on every seed (+0.80, -0.10, +0.20 s): NO" in mixed
+    assert "the same submission.csv bytes on every seed: NO" in verdict((3.0, 2.9, 3.1), sha="other")
+    assert "the thread ran in every --prewarm on run: NO" in verdict((3.0, 2.9, 3.1), prewarm=False)
+    assert "paired over 2 seeds >= 3: NO" in verdict((3.0, 2.9))
+    assert ds.prewarm_rule({"fast_s0": run("fast_s0", 3.0)}) == []  # no pairs: no block
+
+
+def test_device_summary_keeps_prewarm_runs_out_of_item_3s_sample(tmp_path, capsys):
+    """The fast phase's --prewarm on runs (fast_sN_prewarm) are an arm of their own: item 3's
+    verdict and the preset's mean are the default's runs, and the other arm gets its own lines."""
+    import json
+
+    ds = _tool("device_summary")
+    base = dict(device="NVIDIA H200", torch="2.11", preset="fast", optimizer="muon", widths=[64, 256, 256], epochs=7,
+                predict_s=0.3, first_epoch_s=0.9, later_epochs_s=1.7, cuda_init_s=0.3, setup_s=0.1,
+                checkpoint=dict(seconds=0.02), whole_s=16.0, tflops_train=90, tflops_epoch=150, fp16_scale=None,
+                deterministic=False, compile=False, later_epoch_s=0.28, flops_run=2.9e14)
+    runs = [dict(base, name=f"fast_s{s}", seed=s, acc=0.91, train_s=3.1, sha256=f"h{s}") for s in range(3)]
+    runs += [dict(base, name=f"fast_s{s}_prewarm", seed=s, acc=0.91, train_s=2.6, sha256=f"h{s}", prewarm_wait_s=0.05, first_epoch_s=0.5,
+                  cuda_init_s=0.0, prewarm=dict(seconds=0.5, waited=0.05, error=None)) for s in range(3)]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    (tmp_path / "log").write_text("ANCHOR airbench94.py | NVIDIA H200 | torch 2.11 | runs 3 | acc mean 0.9041 sd 0.0022 "
+                                  "| wall s per run 6.7 2.0 2.0 | median 2.0\n")
+    ds.summary(str(tmp_path / "runs.jsonl"), str(tmp_path / "log"))
+    out = capsys.readouterr().out.splitlines()
+    item3 = [x for x in out if x.startswith("item 3")]
+    assert item3[0].startswith("item 3: fast acc 0.9100 vs airbench94.py 0.9041: MET | train+predict 3.4 s vs 1.5x")
+    assert "NOT MET (1.70x" in item3[0] and item3[0].endswith("n=3")
+    assert item3[1].startswith("item 3 with --prewarm on: fast acc") and "3.0 s: MET (1.45x" in item3[1]
+    assert any(x.startswith("fast: n=3 ") for x in out) and any(x.startswith("fast --prewarm on: n=3 ") for x in out)
+    assert any(x.startswith("  fast --prewarm on: train = prewarm wait 0.05 + cuda init 0.00") for x in out)
+    assert any(x.startswith("ADOPT: --prewarm on by default") for x in out)

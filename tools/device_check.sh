@@ -25,12 +25,14 @@
 #                end to end against PyTorch's pool: warm time and accuracy on hw2's own
 #                split (tools/warm_runs.py --variant pool=NAME); none passed: nothing
 #                                                         10 + 13 per variant (36 for one)
-#   profile      fast under torch.profiler: a fresh process's first epoch and prediction
-#                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
+#   baseline     side_by_side.sh: airbench94 x3, airbench96 x3, hw2 full x3            170
+#   fast         hw2 fast x3 seeds, each with --prewarm off (the default) and on, in fresh
+#                processes, the order alternating by seed (device_summary's rule decides
+#                --prewarm's default; fast_sN are item 3's sample)                       105
 #   tune         full's variants (TUNE_VARIANTS) x TUNE_SEEDS on hw2's own split of the
 #                50k in one process (tools/warm_runs.py: a warm run costs half a process) 190
-#   baseline     side_by_side.sh: airbench94 x3, airbench96 x3, hw2 full x3            170
-#   fast         hw2 fast x4 seeds (Muon from a CUDA graph), seed 0 with --cuda-graph off 60
+#   profile      fast under torch.profiler: a fresh process's first epoch and prediction
+#                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
 #   determinism  fast seed 0 again (default settings), fast seed 0 --deterministic       25
 #   compile      fast --compile, full --compile (compile time included)               100
 #   graph        full seed 0 with --cuda-graph off (the graph's worth to full)           25
@@ -43,9 +45,10 @@
 #   read its paired gain and warm time: the tune rule's 1.08x time test was written for full's
 #   26 -> 28 epochs, and 7 -> 8 costs ~1.12x (one more warm epoch, ~0.29 s of 2.35 s), so its
 #   verdict there is KEEP by construction)
-#   default PHASES: preflight pool pooltune profile tune baseline fast (what #7 still
-#   lacks), with the data step: ~530 when no pool candidate passes, ~565 when one does
-#   (then the last phase, fast, may not fit and is skipped)
+#   default PHASES: preflight pool pooltune baseline fast tune (what #7 still lacks), with the
+#   data step: ~540 when no pool candidate passes, ~575 when one does (then the last phase,
+#   tune, does not fit and is skipped); profile (35) no longer fits and runs when named
+#   (the fresh processes' train-time split, in the summary, sizes the one-off costs first)
 # (an H200: 2026-11-29's list ran in 508 s; 2026-11-30's list (preflight baseline fast
 # determinism compile fastepochs graph profile) in 544 s; those phases run when named in PHASES,
 # but fastepochs, retired since, stops the script as an unknown phase)
@@ -55,7 +58,7 @@
 # 15-minute lease (a minute or two of it the machine's start), run with DEADLINE=555 and
 # timeout_s=590 (the default list fits); if phases were skipped, then at once, while the card is
 # warm (it goes back after 30 s idle), e.g. PHASES="graph profile" DEADLINE=100 with what is left.
-# Knobs: PHASES (default "preflight pool pooltune profile tune baseline fast"), DEADLINE, TUNE_VARIANTS
+# Knobs: PHASES (default "preflight pool pooltune baseline fast tune"), DEADLINE, TUNE_VARIANTS
 # (variants separated by "|", each space-separated key=value overrides; "" the preset), TUNE_SEEDS,
 # TUNE_PRESET, TUNE_ARGS (extra warm_runs.py flags), OWN_VAL (own split's held-out images), POOL_ARGS,
 # POOL_CANDIDATES (space-separated; default those pool passed), POOLTUNE_PRESET, POOLTUNE_SEEDS, POOLTUNE_ARGS,
@@ -65,7 +68,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$(date +%s)
 DRY=${DRY:-0}
-PHASES=${PHASES:-preflight pool pooltune profile tune baseline fast}
+PHASES=${PHASES:-preflight pool pooltune baseline fast tune}
 KNOWN_PHASES="preflight pool pooltune profile tune baseline fast determinism compile graph fullalt autotune sgdbf16 fullsgd"
 for p in $PHASES; do  # a misspelt phase would be skipped in silence, and the card's minutes
   # with it: stop before anything is written or removed
@@ -172,9 +175,24 @@ elif phase pooltune $(( 10 + 13 * ($(wc -w <<<"$POOL_CANDIDATES") + 1) )); then 
     | tee "$OUT/pooltune.txt"
 fi
 
-if phase profile 35; then  # a cold process's one-off costs, and where a warm epoch's GPU time goes
-  "$PY" tools/step_profile.py --preset "$PROFILE_PRESET" --data-dir "$W/split" $PROFILE_ARGS 2>&1 \
-    | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
+# data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)
+if phase baseline 170; then
+  W="$W" PY="$PY" AB94_RUNS=${AB94_RUNS:-3} AB96_RUNS=${AB96_RUNS:-3} HW2_RUNS=${FULL_RUNS:-3} \
+    HW2_ARGS="$FULL_ARGS" bash "$ANCHORS/side_by_side.sh"
+  for s in $(seq 0 $(( ${FULL_RUNS:-3} - 1 ))); do  # the harness's runs, in our JSON too
+    [ -f "$W/hw2_$s/metrics.json" ] && "$PY" tools/device_summary.py run "full_s$s" "$W/hw2_$s/metrics.json" 0 0 \
+      "$FULL_ARGS --seed $s" >>"$OUT/runs.jsonl"
+  done
+fi
+
+if phase fast 105; then  # item 3's fresh processes, and --prewarm's pairs (device_summary's rule)
+  for s in $(seq 0 $(( ${FAST_RUNS:-3} - 1 ))); do  # off first on even seeds, on first on odd: a drift
+    if (( s % 2 )); then  # over the call falls on both alike
+      hw2_run "fast_s${s}_prewarm" $FAST_ARGS --seed "$s" --prewarm on; hw2_run "fast_s$s" $FAST_ARGS --seed "$s"
+    else
+      hw2_run "fast_s$s" $FAST_ARGS --seed "$s"; hw2_run "fast_s${s}_prewarm" $FAST_ARGS --seed "$s" --prewarm on
+    fi
+  done
 fi
 
 if phase tune 190; then  # full's variants on hw2's own split of the 50k (never the harness's split)
@@ -186,20 +204,9 @@ if phase tune 190; then  # full's variants on hw2's own split of the 50k (never 
     --seeds "$TUNE_SEEDS" ${TUNE_ARGS:-} "${_vargs[@]}" --json "$OUT/tune.json" 2>&1 | grep -E "^WARM|^warm_runs:|rror" | tee "$OUT/tune.txt"
 fi
 
-# data + baseline: the given harness, unchanged (its data prep runs even when the phase is skipped)
-if phase baseline 170; then
-  W="$W" PY="$PY" AB94_RUNS=${AB94_RUNS:-3} AB96_RUNS=${AB96_RUNS:-3} HW2_RUNS=${FULL_RUNS:-3} \
-    HW2_ARGS="$FULL_ARGS" bash "$ANCHORS/side_by_side.sh"
-  for s in $(seq 0 $(( ${FULL_RUNS:-3} - 1 ))); do  # the harness's runs, in our JSON too
-    [ -f "$W/hw2_$s/metrics.json" ] && "$PY" tools/device_summary.py run "full_s$s" "$W/hw2_$s/metrics.json" 0 0 \
-      "$FULL_ARGS --seed $s" >>"$OUT/runs.jsonl"
-  done
-fi
-
-if phase fast 60; then
-  for s in $(seq 0 $(( ${FAST_RUNS:-4} - 1 ))); do hw2_run "fast_s$s" $FAST_ARGS --seed "$s"; done
-  # the same run with Muon's update issued op by op: the graph's time saved, and the same bytes?
-  hw2_run fast_s0_nograph $FAST_ARGS --seed 0 --cuda-graph off
+if phase profile 35; then  # a cold process's one-off costs, and where a warm epoch's GPU time goes
+  "$PY" tools/step_profile.py --preset "$PROFILE_PRESET" --data-dir "$W/split" $PROFILE_ARGS 2>&1 \
+    | grep -v -E "^(USDT|ERROR|WARNING):" | tee "$OUT/profile.txt"
 fi
 
 if phase determinism 25; then  # same seed, same card: byte-identical submission.csv?

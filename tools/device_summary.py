@@ -42,12 +42,14 @@ def run(name, metrics_path, t0, t1, flags):
                fp16_scale=m.get("fp16_scale"), optimizer=m.get("optimizer"), widths=m.get("widths"),
                cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2),
                later_epochs_s=round(sum(r["seconds"] for r in hist[1:]), 3),
-               cuda_init_s=s.get("train_cuda_init"), setup_s=s.get("train_setup"))
+               cuda_init_s=s.get("train_cuda_init"), setup_s=s.get("train_setup"),
+               prewarm=m.get("prewarm"), prewarm_wait_s=s.get("train_prewarm_wait", 0.0))
     print(json.dumps(row))
 
 
 def train_parts(r):
-    """A run's train seconds in parts: CUDA's start-up, the set-up before epoch 1, the first
+    """A run's train seconds in parts: the wait for --prewarm's thread (0 without it), CUDA's
+    start-up (what the thread left of it), the set-up before epoch 1, the first
     epoch, the later ones, the checkpoints, and the rest (the BatchNorm recount and the model.pt
     save, which a warm run pays too; also a failed out-of-memory attempt, and with several GPUs
     the start of the ranks). None where metrics.json predates the parts, or for a --resume'd run
@@ -55,7 +57,8 @@ def train_parts(r):
     if any(r.get(k) is None for k in ("setup_s", "first_epoch_s", "later_epochs_s")):
         return None
     ckpt = (r.get("checkpoint") or {}).get("seconds", 0.0)
-    parts = dict(cuda_init=r["cuda_init_s"], setup=r["setup_s"], first_epoch=r["first_epoch_s"],
+    parts = dict(prewarm_wait=r.get("prewarm_wait_s") or 0.0, cuda_init=r["cuda_init_s"], setup=r["setup_s"],
+                 first_epoch=r["first_epoch_s"],
                  later_epochs=r["later_epochs_s"], checkpoints=ckpt)
     parts["rest"] = r["train_s"] - sum(parts.values())
     return parts if parts["rest"] > -0.01 else None  # train_s is rounded to 0.01 s
@@ -83,7 +86,7 @@ def line(r):
             f"first epoch {r['first_epoch_s']:.1f} s | fp16 scale {r['fp16_scale']} | "
             f"checkpoint {r['checkpoint']} | det {r['deterministic']} autotune {r.get('autotune')} compile {r['compile']} "
             f"graph {r.get('cuda_graph')} | epochs sum {r.get('epochs_s')} s | cuda init {r.get('cuda_init_s')} s, "
-            f"set-up {r.get('setup_s')} s | sha {str(r['sha256'])[:12]}")
+            f"set-up {r.get('setup_s')} s | prewarm {r.get('prewarm')} | sha {str(r['sha256'])[:12]}")
 
 
 def mean_sd(v):
@@ -105,14 +108,15 @@ def anchor_figures(anchors):
 def verdicts(anchors, ok):
     """Issue #7's items 2 and 3 as the card measured them: met or not, with the figures."""
     out, figs = [], anchor_figures(anchors)
-    for preset, script, factor, item in (("full", "airbench96.py", 1.1, 2), ("fast", "airbench94.py", 1.5, 3)):
-        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+", n)]
+    for preset, script, factor, item, arm in (("full", "airbench96.py", 1.1, 2, ""), ("fast", "airbench94.py", 1.5, 3, ""),
+                                              ("fast", "airbench94.py", 1.5, 3, "_prewarm")):
+        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+{arm}", n)]
         if not rs or script not in figs:
             continue
         acc, median, warm = figs[script]
         a = statistics.mean(r["acc"] for r in rs)
         t = statistics.mean(r["train_s"] + r["predict_s"] for r in rs)
-        out.append(f"item {item}: {preset} acc {a:.4f} vs {script} {acc:.4f}: {'MET' if a >= acc else 'NOT MET'} | "
+        out.append(f"item {item}{' with --prewarm on' if arm else ''}: {preset} acc {a:.4f} vs {script} {acc:.4f}: {'MET' if a >= acc else 'NOT MET'} | "
                    f"train+predict {t:.1f} s vs {factor}x its median {median:.1f} s = {factor * median:.1f} s: "
                    f"{'MET' if t <= factor * median else 'NOT MET'} ({t / median:.2f}x; {t / warm:.2f}x its warm runs' "
                    f"{warm:.1f} s) | n={len(rs)}")
@@ -190,6 +194,36 @@ def rules(out_dir):
     return (["", "## rules written before the call (tools/warm_runs.py's figures)"] + out) if out else []
 
 
+# --prewarm's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30, eighth session):
+# the default turns on if, over fresh `fast` processes paired by seed, the thread ran in every
+# --prewarm on run, every pair wrote the same bytes, and train + predict fell on every seed and by
+# PREWARM_MIN_GAIN on average (a fresh process's own spread is ~0.2 s: one seed could not show it)
+PREWARM_MIN_GAIN = 0.1  # seconds of train + predict, mean of the paired differences
+PREWARM_MIN_PAIRS = 3
+
+
+def prewarm_rule(ok):
+    """ADOPT or KEEP for --prewarm, from the fast phase's pairs fast_sN / fast_sN_prewarm."""
+    pairs = [(ok[n], ok[n + "_prewarm"]) for n in sorted(ok) if re.fullmatch(r"fast_s\d+", n) and n + "_prewarm" in ok]
+    if not pairs:
+        return []
+    tp = lambda r: r["train_s"] + r["predict_s"]  # noqa: E731
+    gains = [tp(off) - tp(on) for off, on in pairs]
+    gain = statistics.mean(gains)
+    checks = [(all(on.get("prewarm") for _, on in pairs), "the thread ran in every --prewarm on run"),
+              (len(pairs) >= PREWARM_MIN_PAIRS, f"paired over {len(pairs)} seeds >= {PREWARM_MIN_PAIRS}"),
+              (all(off["sha256"] and off["sha256"] == on["sha256"] for off, on in pairs),
+               "the same submission.csv bytes on every seed"),
+              (all(g > 0 for g in gains), "faster on every seed (" + ", ".join(f"{g:+.2f}" for g in gains) + " s)"),
+              (gain >= PREWARM_MIN_GAIN - EPS, f"mean gain {gain:+.3f} s >= {PREWARM_MIN_GAIN} s")]
+    verdict = "ADOPT: --prewarm on by default" if all(c for c, _ in checks) else "KEEP --prewarm off"
+    out = ["", "## --prewarm (fast, fresh processes paired by seed; train + predict seconds)"]
+    out += [f"{off['name']}: {tp(off):.2f} s (cuda init {off.get('cuda_init_s')}) | {on['name']}: {tp(on):.2f} s "
+            f"(wait {on.get('prewarm_wait_s')}, cuda init {on.get('cuda_init_s')}, thread {on.get('prewarm')})"
+            for off, on in pairs]
+    return out + [f"{verdict}: " + "; ".join(f"{t}: {'yes' if c else 'NO'}" for c, t in checks)]
+
+
 def summary(runs_path, log_path):
     # no hw2.py run in this call (e.g. PHASES="pool tune"): no file, and nothing to summarise
     runs = [json.loads(x) for x in open(runs_path) if x.strip()] if os.path.exists(runs_path) else []
@@ -198,18 +232,20 @@ def summary(runs_path, log_path):
     anchors = [x.strip() for x in open(log_path, errors="replace") if x.startswith(("ANCHOR", "HW2 "))]
     out += ["## side by side (harness lines)"] + anchors + [""]
     out.append("## presets (mean ± sd over seeds; train + predict seconds per run)")
-    for preset in ("full", "fast"):
-        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+", n)]
+    for preset, arm in (("full", ""), ("fast", ""), ("fast", "_prewarm")):
+        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+{arm}", n)]
         if rs:
             a, sd = mean_sd([r["acc"] for r in rs])
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
-            out.append(f"{preset}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
+            label = preset + (" --prewarm on" if arm else "")
+            out.append(f"{label}: n={len(rs)} acc {a:.4f} ± {sd:.4f} | train+predict {tp:.1f} ± {tsd:.1f} s | "
                        f"{rs[0]['device']} | torch {rs[0]['torch']}")
             parts = parts_line(rs)
             if parts:
-                out.append(f"  {preset}: {parts}")
+                out.append(f"  {label}: {parts}")
     out += verdicts(anchors, ok)
     out += rules(os.path.dirname(os.path.abspath(runs_path)))
+    out += prewarm_rule(ok)
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
         a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
         if a and b:
