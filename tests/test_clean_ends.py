@@ -230,19 +230,26 @@ def test_notebook_counts_the_prewarm_wait_in_the_training_time(tmp_path, monkeyp
     training cell waits for it inside the training time, where metrics.json records the wait.
     Only the GPU's parts are stand-ins, in a cell inserted before the data cell: the plan of a run
     on one GPU, and a CUDA start that outlasts the data load (a tiny folder: ~0.1 s; fp32 pinned,
-    so that no bf16 timing runs in between)."""
+    so that no bf16 timing runs in between). The same cell notes the order in which the main
+    thread starts the thread and the data load, and a last cell prints it."""
     def stand_ins(nb):
         at = next(i for i, c in enumerate(nb.cells) if "PREWARM = start_prewarm(" in c.source)
         assert nb.cells[at].source.startswith("if RUN")  # the data cell, apart from the definitions
         nb.cells.insert(at, nbformat.v4.new_code_cell(
+            "STARTS = []  # the main thread's order of calls\n"
             "prewarm_plan = lambda cfg, hw: (True, '')\n"
-            "def prewarm_cuda():\n    time.sleep(1.5)"))
+            "def prewarm_cuda():\n    time.sleep(1.5)\n"
+            "_start_prewarm, _load_data = start_prewarm, load_data\n"
+            "def start_prewarm(*args):\n    STARTS.append('prewarm')\n    return _start_prewarm(*args)\n"
+            "def load_data(*args):\n    STARTS.append('data')\n    return _load_data(*args)"))
+        nb.cells.append(nbformat.v4.new_code_cell("print('STARTS', STARTS)"))
 
     nb, raised = execute_copy(tmp_path, {"HW2_PRESET": "smoke", "HW2_DATA_DIR": tiny_cifar_dir,
                                          "HW2_OUTPUT_DIR": "out", "HW2_SKIP_ANSWERS": "1", "HW2_PRECISION": "fp32"},
                               monkeypatch, stand_ins)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert not raised, text[-3000:]
+    assert "STARTS ['prewarm', 'data']" in text
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     s, epochs = m["seconds"], sum(r["seconds"] for r in m["history"])
     assert m["prewarm"]["error"] is None and m["prewarm"]["seconds"] >= 1.5

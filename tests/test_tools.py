@@ -266,19 +266,18 @@ def test_device_summary_splits_a_fresh_processs_train_time(tmp_path, capsys):
 
 def test_prewarm_rule_wants_the_same_bytes_and_a_gain_on_every_seed():
     ds = _tool("device_summary")
+    THREAD = dict(seconds=0.4, waited=0.0, error=None)
 
-    def run(name, t, sha="a", prewarm=True):
-        return dict(name=name, train_s=t - 0.3, predict_s=0.3, sha256=sha, cuda_init_s=0.0, prewarm_wait_s=0.0,
-                    prewarm=dict(seconds=0.4, waited=0.0, error=None) if prewarm and name.endswith("_prewarm") else None)
+    def run(name, t, sha="a", data=0.5, thread=THREAD):
+        """A run whose data + train + predict take `t` s (data `data`, predict 0.3)."""
+        return dict(name=name, data_s=data, train_s=t - data - 0.3, predict_s=0.3, sha256=sha, cuda_init_s=0.0,
+                    prewarm_wait_s=0.0, prewarm=thread if name.endswith("_prewarm") else None)
 
-    def verdict(on_times, off_times=(3.4, 3.2, 3.3), **kw):
-        ok = {}
+    def verdict(on_times, off_times=(3.4, 3.2, 3.3), extra=(), **kw):
+        runs = [run("fast_s0_det", 1.0)]  # other runs of the call are no pair
         for s, (off, on) in enumerate(zip(off_times, on_times)):
-            ok[f"fast_s{s}"] = run(f"fast_s{s}", off, sha=f"sha{s}")
-            ok[f"fast_s{s}_prewarm"] = run(f"fast_s{s}_prewarm", on, **dict(dict(sha=f"sha{s}"), **kw))
-        ok["fast_s0_det"] = run("fast_s0_det", 1.0)  # other runs of the call are no pair
-        lines = ds.prewarm_rule(ok)
-        assert len(lines) == 2 + len(on_times) + 1
+            runs += [run(f"fast_s{s}", off, sha=f"sha{s}"), run(f"fast_s{s}_prewarm", on, **dict(dict(sha=f"sha{s}"), **kw))]
+        lines = ds.prewarm_rule(runs + list(extra))
         return lines[-1]
 
     assert verdict((3.0, 2.9, 3.1)).startswith("ADOPT: --prewarm on by default")
@@ -288,10 +287,22 @@ def test_prewarm_rule_wants_the_same_bytes_and_a_gain_on_every_seed():
     assert small.startswith("KEEP --prewarm off") and "mean gain +0.050 s >= 0.1 s: NO" in small
     mixed = verdict((2.6, 3.3, 3.1))  # a large mean from one seed, slower on another
     assert mixed.startswith("KEEP") and "faster on every seed (+0.80, -0.10, +0.20 s): NO" in mixed
+    # seconds moved from training into the data load are no gain: 0.4 s less train + predict on
+    # every seed, 0.4 s more data load, the same span
+    moved = verdict((3.4, 3.2, 3.3), data=0.9)
+    assert moved.startswith("KEEP") and "faster on every seed (+0.00, +0.00, +0.00 s): NO" in moved
     assert "the same submission.csv bytes on every seed: NO" in verdict((3.0, 2.9, 3.1), sha="other")
-    assert "the thread ran in every --prewarm on run: NO" in verdict((3.0, 2.9, 3.1), prewarm=False)
+    for thread in (None, dict(THREAD, error="RuntimeError: CUDA error: x"), dict(THREAD, seconds=None)):
+        assert "the thread ran without error in every --prewarm on run: NO" in verdict((3.0, 2.9, 3.1), thread=thread)
+    # an off run with the thread (a default flipped, or HW2_PREWARM in the environment): no
+    # comparison. The row is a later one of the same name: the last row of a name is the one read
+    both = verdict((3.0, 2.9, 3.1), extra=[dict(run("fast_s1", 3.2, sha="sha1"), prewarm=THREAD)])
+    assert both.startswith("KEEP") and "and in no off run: NO" in both
     assert "paired over 2 seeds >= 3: NO" in verdict((3.0, 2.9))
-    assert ds.prewarm_rule({"fast_s0": run("fast_s0", 3.0)}) == []  # no pairs: no block
+    # a pair's last row failed (a crash in this call, even after a good row from an earlier call): KEEP
+    crashed = verdict((3.0, 2.9, 3.1), extra=[dict(name="fast_s2_prewarm", failed=True)])
+    assert crashed == "KEEP --prewarm off: no run of the pairs failed: NO (fast_s2_prewarm)"
+    assert ds.prewarm_rule([run("fast_s0", 3.0)]) == []  # no pairs: no block
 
 
 def test_device_summary_keeps_prewarm_runs_out_of_item_3s_sample(tmp_path, capsys):

@@ -43,7 +43,7 @@ def run(name, metrics_path, t0, t1, flags):
                cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2),
                later_epochs_s=round(sum(r["seconds"] for r in hist[1:]), 3),
                cuda_init_s=s.get("train_cuda_init"), setup_s=s.get("train_setup"),
-               prewarm=m.get("prewarm"), prewarm_wait_s=s.get("train_prewarm_wait", 0.0))
+               prewarm=m.get("prewarm"), prewarm_wait_s=s.get("train_prewarm_wait", 0.0), data_s=s.get("data"))
     print(json.dumps(row))
 
 
@@ -121,7 +121,7 @@ def verdicts(anchors, ok):
                    f"{'MET' if t <= factor * median else 'NOT MET'} ({t / median:.2f}x; {t / warm:.2f}x its warm runs' "
                    f"{warm:.1f} s) | n={len(rs)}")
         at = ok.get(f"{preset}_s0_at")
-        if at:
+        if at and not arm:
             t = at["train_s"] + at["predict_s"]
             out.append(f"  with --autotune on (seed 0): acc {at['acc']:.4f}, train+predict {t:.1f} s = {t / median:.2f}x")
     return (["", "## issue #7 verdicts (mean over seeds; the anchors' median wall per run)"] + out) if out else []
@@ -195,32 +195,44 @@ def rules(out_dir):
 
 
 # --prewarm's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30, eighth session):
-# the default turns on if, over fresh `fast` processes paired by seed, the thread ran in every
-# --prewarm on run, every pair wrote the same bytes, and train + predict fell on every seed and by
+# the default turns on if, over fresh `fast` processes paired by seed, no run of the pairs failed,
+# the thread ran without error in every --prewarm on run and in no off run, every pair wrote the
+# same bytes, and data + train + predict (the span the thread shares: a start that only moved
+# seconds from training into the data load would show no gain) fell on every seed and by
 # PREWARM_MIN_GAIN on average (a fresh process's own spread is ~0.2 s: one seed could not show it)
-PREWARM_MIN_GAIN = 0.1  # seconds of train + predict, mean of the paired differences
+PREWARM_MIN_GAIN = 0.1  # seconds of data + train + predict, mean of the paired differences
 PREWARM_MIN_PAIRS = 3
 
 
-def prewarm_rule(ok):
-    """ADOPT or KEEP for --prewarm, from the fast phase's pairs fast_sN / fast_sN_prewarm."""
-    pairs = [(ok[n], ok[n + "_prewarm"]) for n in sorted(ok) if re.fullmatch(r"fast_s\d+", n) and n + "_prewarm" in ok]
+def prewarm_rule(runs):
+    """ADOPT or KEEP for --prewarm, from the fast phase's pairs fast_sN / fast_sN_prewarm: each
+    name's last row in runs.jsonl (a failed one included: a crash is evidence too)."""
+    last = {r["name"]: r for r in runs}
+    pairs = [(last[n], last[n + "_prewarm"]) for n in sorted(last)
+             if re.fullmatch(r"fast_s\d+", n) and n + "_prewarm" in last]
     if not pairs:
         return []
-    tp = lambda r: r["train_s"] + r["predict_s"]  # noqa: E731
-    gains = [tp(off) - tp(on) for off, on in pairs]
+    failed = [r["name"] for pair in pairs for r in pair if r.get("failed")]
+    if failed:
+        return ["", "## --prewarm (fast, fresh processes paired by seed)",
+                f"KEEP --prewarm off: no run of the pairs failed: NO ({', '.join(failed)})"]
+    span = lambda r: (r.get("data_s") or 0.0) + r["train_s"] + r["predict_s"]  # noqa: E731
+    gains = [span(off) - span(on) for off, on in pairs]
     gain = statistics.mean(gains)
-    checks = [(all(on.get("prewarm") for _, on in pairs), "the thread ran in every --prewarm on run"),
+    ran = lambda r: bool(r.get("prewarm")) and r["prewarm"].get("seconds") is not None and not r["prewarm"].get("error")  # noqa: E731
+    checks = [(True, "no run of the pairs failed"),
+              (all(ran(on) for _, on in pairs), "the thread ran without error in every --prewarm on run"),
+              (not any(off.get("prewarm") for off, _ in pairs), "and in no off run"),
               (len(pairs) >= PREWARM_MIN_PAIRS, f"paired over {len(pairs)} seeds >= {PREWARM_MIN_PAIRS}"),
               (all(off["sha256"] and off["sha256"] == on["sha256"] for off, on in pairs),
                "the same submission.csv bytes on every seed"),
               (all(g > 0 for g in gains), "faster on every seed (" + ", ".join(f"{g:+.2f}" for g in gains) + " s)"),
               (gain >= PREWARM_MIN_GAIN - EPS, f"mean gain {gain:+.3f} s >= {PREWARM_MIN_GAIN} s")]
     verdict = "ADOPT: --prewarm on by default" if all(c for c, _ in checks) else "KEEP --prewarm off"
-    out = ["", "## --prewarm (fast, fresh processes paired by seed; train + predict seconds)"]
-    out += [f"{off['name']}: {tp(off):.2f} s (cuda init {off.get('cuda_init_s')}) | {on['name']}: {tp(on):.2f} s "
-            f"(wait {on.get('prewarm_wait_s')}, cuda init {on.get('cuda_init_s')}, thread {on.get('prewarm')})"
-            for off, on in pairs]
+    out = ["", "## --prewarm (fast, fresh processes paired by seed; data + train + predict seconds)"]
+    out += [f"{off['name']}: {span(off):.2f} s (data {off.get('data_s')}, cuda init {off.get('cuda_init_s')}) | "
+            f"{on['name']}: {span(on):.2f} s (data {on.get('data_s')}, wait {on.get('prewarm_wait_s')}, "
+            f"cuda init {on.get('cuda_init_s')}, thread {on.get('prewarm')})" for off, on in pairs]
     return out + [f"{verdict}: " + "; ".join(f"{t}: {'yes' if c else 'NO'}" for c, t in checks)]
 
 
@@ -245,7 +257,7 @@ def summary(runs_path, log_path):
                 out.append(f"  {label}: {parts}")
     out += verdicts(anchors, ok)
     out += rules(os.path.dirname(os.path.abspath(runs_path)))
-    out += prewarm_rule(ok)
+    out += prewarm_rule(runs)
     for preset, proxy in (("fast", "+1.0 % at the same epochs"), ("full", "26 Muon epochs vs 30 SGD epochs")):
         a, b = ok.get(f"{preset}_s0"), ok.get(f"{preset}_s0_sgd")
         if a and b:
