@@ -1428,6 +1428,12 @@ def _profiled_peak(prof):
     return int(top.extra_fields.total_allocated - base), (top.parent.name if top.parent else None)
 
 
+def error_line(e, limit=None):
+    """`Type: the message's first line` (at most `limit` characters of it): a CUDA error's
+    message runs on for lines."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:limit]}"
+
+
 def _send_call(conn, fn, args, kwargs):
     # GNU OpenMP (torch's CPU threads) is not fork-safe: a forked child's first parallel region
     # waits forever for the parent's worker threads (a test reproduces it) unless the child runs
@@ -1436,7 +1442,7 @@ def _send_call(conn, fn, args, kwargs):
     try:
         result = ("ok", fn(*args, **kwargs))
     except Exception as e:
-        result = ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        result = ("error", error_line(e))
     conn.send(result)
     conn.close()
 
@@ -2360,7 +2366,7 @@ class Prewarm(threading.Thread):
         try:
             prewarm_cuda()
         except Exception as e:  # reported by join_prewarm, not raised in a thread
-            self.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            self.error = error_line(e, 160)
         self.seconds = round(time.time() - t, 3)
 
 

@@ -198,6 +198,11 @@ def execute_copy(tmp_path, env, monkeypatch, edit=None):
         return nb, True
 
 
+def outputs_text(nb):
+    """Everything the executed notebook's code cells printed."""
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
 def test_notebook_shows_an_hw2_error_as_one_line_and_cleans_up(tmp_path, monkeypatch):
     bad = str(tmp_path / "no-such-cifar")
     nb, raised = execute_copy(tmp_path, {"HW2_DATA_DIR": bad, "HW2_PRESET": "smoke",
@@ -217,7 +222,7 @@ def test_notebook_trains_on_two_forked_ranks(tmp_path, monkeypatch, tiny_cifar_d
     nb, raised = execute_copy(tmp_path, {"HW2_GPUS": "2", "HW2_DEVICE": "cpu", "HW2_PRESET": "smoke",
                                          "HW2_DATA_DIR": tiny_cifar_dir, "HW2_OUTPUT_DIR": "out",
                                          "HW2_TEST_NPY": str(tmp_path / "test.npy")}, monkeypatch)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = outputs_text(nb)
     assert not raised, text[-3000:]
     assert "data-parallel: 2 processes (gloo)" in text and text.count("train_loss") == 1
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -247,7 +252,7 @@ def test_notebook_counts_the_prewarm_wait_in_the_training_time(tmp_path, monkeyp
     nb, raised = execute_copy(tmp_path, {"HW2_PRESET": "smoke", "HW2_DATA_DIR": tiny_cifar_dir,
                                          "HW2_OUTPUT_DIR": "out", "HW2_SKIP_ANSWERS": "1", "HW2_PRECISION": "fp32"},
                               monkeypatch, stand_ins)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = outputs_text(nb)
     assert not raised, text[-3000:]
     assert "STARTS ['prewarm', 'data']" in text
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())

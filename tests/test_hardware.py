@@ -1,10 +1,13 @@
 """Hardware choice: `select_hardware` is pure, so every card is tested here without owning it."""
 import argparse
+import threading
+import time
 
 import pytest
 import torch
 
 import hw2
+from conftest import CPU, quiet, train_cfg, train_data
 
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # no sm_60: Kaggle's P100 is out
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -242,9 +245,6 @@ def test_prewarm_plan_only_for_one_process_on_a_gpu():
 
 
 def test_prewarm_runs_in_a_thread_joined_inside_the_training_time(monkeypatch, tmp_path):
-    import threading
-    import time
-    from conftest import CPU, quiet, train_cfg, train_data
     ran = []
 
     def slow():

@@ -43,7 +43,7 @@ def run(name, metrics_path, t0, t1, flags):
                cuda_graph=m.get("cuda_graph"), epochs_s=round(sum(r["seconds"] for r in hist), 2),
                later_epochs_s=round(sum(r["seconds"] for r in hist[1:]), 3),
                cuda_init_s=s.get("train_cuda_init"), setup_s=s.get("train_setup"),
-               prewarm=m.get("prewarm"), prewarm_wait_s=s.get("train_prewarm_wait", 0.0), data_s=s.get("data"))
+               prewarm=m.get("prewarm"), prewarm_wait_s=s.get("train_prewarm_wait"), data_s=s.get("data"))
     print(json.dumps(row))
 
 
@@ -105,12 +105,20 @@ def anchor_figures(anchors):
     return found
 
 
+# the presets' samples: runs PRESET_sN at the defaults, and fast's --prewarm on arm (fast_sN_prewarm)
+ARMS = (("full", ""), ("fast", ""), ("fast", "_prewarm"))
+ITEMS = {"full": ("airbench96.py", 1.1, 2), "fast": ("airbench94.py", 1.5, 3)}  # anchor, time factor, item
+
+
+def arm_runs(ok, preset, arm):
+    return [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+{arm}", n)]
+
+
 def verdicts(anchors, ok):
     """Issue #7's items 2 and 3 as the card measured them: met or not, with the figures."""
     out, figs = [], anchor_figures(anchors)
-    for preset, script, factor, item, arm in (("full", "airbench96.py", 1.1, 2, ""), ("fast", "airbench94.py", 1.5, 3, ""),
-                                              ("fast", "airbench94.py", 1.5, 3, "_prewarm")):
-        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+{arm}", n)]
+    for preset, arm in ARMS:
+        (script, factor, item), rs = ITEMS[preset], arm_runs(ok, preset, arm)
         if not rs or script not in figs:
             continue
         acc, median, warm = figs[script]
@@ -244,8 +252,8 @@ def summary(runs_path, log_path):
     anchors = [x.strip() for x in open(log_path, errors="replace") if x.startswith(("ANCHOR", "HW2 "))]
     out += ["## side by side (harness lines)"] + anchors + [""]
     out.append("## presets (mean ± sd over seeds; train + predict seconds per run)")
-    for preset, arm in (("full", ""), ("fast", ""), ("fast", "_prewarm")):
-        rs = [r for n, r in ok.items() if re.fullmatch(rf"{preset}_s\d+{arm}", n)]
+    for preset, arm in ARMS:
+        rs = arm_runs(ok, preset, arm)
         if rs:
             a, sd = mean_sd([r["acc"] for r in rs])
             tp, tsd = mean_sd([r["train_s"] + r["predict_s"] for r in rs])
