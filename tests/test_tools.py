@@ -105,10 +105,14 @@ def test_warm_runs_compare_pairs_seeds_and_times():
     warm = _tool("warm_runs")
     acc = {"preset": {0: 0.90, 1: 0.92, 2: 0.91}, "b": {0: 0.91, 1: 0.91, 2: 0.93}}
     seconds = {"preset": [9.9, 2.0, 2.2], "b": [2.1, 2.3, 2.2]}  # the preset's first run is the cold one
+    clean = {0: 0.89, 1: 0.93, 2: 0.90}  # the preset's weights recounted on clean images (b recounts clean)
     rows = [dict(label=label, seed=seed, acc=acc[label][seed], train=seconds[label][seed] - 0.5, predict=0.5,
-                 warm=(label, seed) != ("preset", 0)) for seed in range(3) for label in ("preset", "b")]
+                 warm=(label, seed) != ("preset", 0), **({"acc_clean_bn": clean[seed]} if label == "preset" else {}))
+            for seed in range(3) for label in ("preset", "b")]
     base, b = warm.compare(rows)
     assert (base["paired"], base["worse"], base["time_ratio"]) == (0.0, 0, 1.0)
+    assert base["bn_gain"] == pytest.approx(0.01 / 3) and base["bn_worse"] == 1  # +1, -1, +1 %
+    assert "bn_gain" not in b
     assert b["paired"] == pytest.approx(0.02 / 3) and (b["worse"], b["n_paired"]) == (1, 3)
     assert b["warm_median"] == pytest.approx(2.2) and b["time_ratio"] == pytest.approx(2.2 / 2.1)
 
@@ -144,6 +148,47 @@ def test_tune_rule_adopts_only_a_clear_gain_in_time(tmp_path):
     for label in ("small", "mixed", "few", "slow", "untimed"):
         assert "KEEP the preset" in got[label], got[label]
     assert "worse on 2 seeds <= 1: NO" in got["mixed"] and "no warm run" in got["untimed"]
+
+
+def test_warm_runs_clean_bn_accuracy_is_the_clean_recounts_own(tmp_path):
+    """The recount runs after training and draws from a generator of its own, so the same seed
+    trains the same weights either way: warm_runs' clean-recount accuracy of an augmented run must
+    be the accuracy of the run trained with the clean recount, and leave the model as it was."""
+    from conftest import CPU, quiet, train_cfg, train_data
+    warm = _tool("warm_runs")
+    data = train_data(n_train=320, n_val=64)
+    test = (data["val_x"], data["val_y"])
+    models = {}
+    for augmented in (True, False):
+        hp = dict(hw2.PRESETS["smoke"], bn_augmented=augmented)
+        os.makedirs(tmp_path / str(augmented))
+        models[augmented] = hw2.train(data, hp, CPU, train_cfg(tmp_path / str(augmented)), 2, 32, log=quiet)[0]
+    before = {k: v.clone() for k, v in models[True].state_dict().items()}
+    got = warm.clean_bn_accuracy(models[True], data, test, hp, CPU)
+    clean = hw2.accuracy(hw2.predict_logits(models[False], test[0], "cpu", "fp32", tta=hp["tta"], batch_size=32), test[1])
+    assert got == clean
+    assert all(torch.equal(before[k], v) for k, v in models[True].state_dict().items())
+    assert models[True].groups[0].norm1.running_var.ne(models[False].groups[0].norm1.running_var).any()
+
+
+def test_bn_rule_keeps_the_augmented_recount_unless_the_card_says_it_loses(tmp_path):
+    def verdict(gain, n=4, device="NVIDIA H200"):
+        import json
+        base = dict(label="preset", mean=0.92, paired=0.0, n_paired=n, worse=0, warm_median=13.5, time_ratio=1.0,
+                    overrides={}, bn_gain=gain, bn_worse=1)
+        (tmp_path / "tune.json").write_text(json.dumps(dict(preset="full", scored="val", seeds="0,1,2,3",
+                                                            device=device, variants=[base])))
+        return [x for x in _tool("device_summary").rules(str(tmp_path)) if "[BatchNorm recount]" in x]
+
+    assert "KEEP the augmented" in verdict(0.004)[0]
+    assert "KEEP the augmented" in verdict(sum([4680 / 5000 - 4680 / 5000] * 4) / 4)[0]  # level: kept
+    assert "REVERT to the clean" in verdict(-0.0002)[0]
+    assert "no verdict" in verdict(-0.01, n=3)[0] and "no verdict" in verdict(-0.01, device="CPU")[0]
+    assert "worse on 1 seeds" in verdict(0.004)[0]
+    (tmp_path / "tune.json").unlink()
+    # a tune.json from before the BatchNorm figures (no bn_gain): no line, no crash
+    _, lines = _rules(tmp_path, "tune", [])
+    assert not any("[BatchNorm recount]" in x for x in lines)
 
 
 def test_rules_give_no_verdict_on_a_cpu_or_without_the_preset_first(tmp_path):

@@ -30,7 +30,8 @@
 #                processes, the order alternating by seed (device_summary's rule decides
 #                --prewarm's default; fast_sN are item 3's sample)                       105
 #   tune         full's variants (TUNE_VARIANTS) x TUNE_SEEDS on hw2's own split of the
-#                50k in one process (tools/warm_runs.py: a warm run costs half a process) 190
+#                50k in one process (tools/warm_runs.py: a warm run costs half a process;
+#                each run's weights also scored with the clean BatchNorm recount)       190
 #   profile      fast under torch.profiler: a fresh process's first epoch and prediction
 #                (--cold: where the one-off seconds go), then warm epochs by kernel kind  35
 #   determinism  fast seed 0 again (default settings), fast seed 0 --deterministic       25

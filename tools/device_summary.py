@@ -157,6 +157,8 @@ TUNE_MAX_TIME = 1.08    # warm train + predict against the preset's, for a varia
 POOL_MAX_LOSS = -0.002  # a pool candidate may cost at most this much accuracy, paired
 POOL_MAX_TIME = 1.0     # and must not be slower end to end than PyTorch's pool
 MIN_SEEDS = 4           # both rules were written for seeds 0-3
+BN_MIN_GAIN = 0.0       # the BatchNorm recount on augmented images (+0.49 % on full's CPU proxy, paired on
+                        # the same weights) stays unless the card's paired gain over the clean one is negative
 EPS = 1e-9              # the figures are means of float differences: a gain of exactly +0.2 % passes
 
 
@@ -181,6 +183,8 @@ def rules(out_dir):
         if base["label"] != "preset":
             out.append(f"  no verdicts: the rules compare with the preset, and the first variant is [{base['label']}]")
             continue
+        if phase == "tune" and "bn_gain" in base:
+            out.append(bn_rule(d, base))
         for v in others:
             ratio = "no warm run" if v["time_ratio"] != v["time_ratio"] else f"{v['time_ratio']:.3f}x"
             checks = [(d["device"] != "CPU", "on a GPU"),
@@ -200,6 +204,24 @@ def rules(out_dir):
             verdict = adopt if all(ok for ok, _ in checks) else "KEEP the preset"
             out.append(f"  [{v['label']}] {verdict}: " + "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks))
     return (["", "## rules written before the call (tools/warm_runs.py's figures)"] + out) if out else []
+
+
+def bn_rule(d, base):
+    """The BatchNorm recount's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30,
+    ninth session), on the preset's tune runs: each run's accuracy with the recount on augmented
+    images (hw2.py's since then) against the same weights recounted on clean images."""
+    checks = [(d["device"] != "CPU", "on a GPU"),
+              (base["n_paired"] >= MIN_SEEDS, f"paired over {base['n_paired']} seeds >= {MIN_SEEDS}")]
+    figure = (f"augmented vs clean BN recount {base['bn_gain']:+.4f} on the same weights, worse on "
+              f"{base['bn_worse']} seeds")
+    if not all(ok for ok, _ in checks):
+        verdict = "no verdict"
+    elif base["bn_gain"] >= BN_MIN_GAIN - EPS:
+        verdict = "KEEP the augmented recount"
+    else:
+        verdict = "REVERT to the clean recount (full's bn_augmented=False)"
+    return (f"  [BatchNorm recount] {verdict}: {figure} (>= {BN_MIN_GAIN:+.4f} keeps it); "
+            + "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks))
 
 
 # --prewarm's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30, eighth session):

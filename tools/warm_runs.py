@@ -35,6 +35,7 @@ and in accuracy (it gives a tied window's gradient to every tied input), before 
 import ast
 import argparse
 import contextlib
+import copy
 import os
 import shutil
 import statistics
@@ -125,8 +126,22 @@ def one_run(data, test, hp, hw, preset, seed, epochs):
     row = dict(seed=seed, acc=float((pred == test[1]).mean()), train=t_train, predict=t_predict,
                first_epoch=history[0]["seconds"], sha=hw2.sha256_file(path),
                pool=getattr(model.groups[0].pool, "name", "torch"))  # what really ran, not what was asked
+    if hp.get("bn_augmented"):
+        row["acc_clean_bn"] = clean_bn_accuracy(model, data, test, hp, hw)
     shutil.rmtree(out)  # checkpoint.pt, model.pt: up to ~100 MB a run for `full`
     return row
+
+
+def clean_bn_accuracy(model, data, test, hp, hw):
+    """The accuracy of the same weights with the BatchNorm recount on clean training images (what
+    hw2.py did before 2026-11-30; it now recounts on augmented ones), outside the timed window:
+    device_summary's BatchNorm rule compares the two, paired on every run."""
+    clean = copy.deepcopy(model)  # eval mode, recounted on augmented images by train()
+    images = torch.from_numpy(data["train_x"]).to(hw["device"])
+    hw2.recompute_bn_stats(clean, images, hw["device"], hw["precision"], min(hp["batch_size"], len(images)))
+    logits = hw2.predict_logits(clean, test[0], hw["device"], hw["precision"], tta=hp["tta"],
+                                batch_size=hp["batch_size"])
+    return float((logits.argmax(1).numpy() == test[1]).mean())
 
 
 def main():
@@ -181,7 +196,9 @@ def main():
         print(f"WARM {a.preset} [{label}] run {i} ({'cold' if i == 0 else 'warm'}) seed {r['seed']} | "
               f"{name} | torch {torch.__version__} | {scored} acc {r['acc']:.4f} | train {r['train']:.2f} s "
               f"+ predict {r['predict']:.2f} s = {r['train'] + r['predict']:.2f} s | first epoch "
-              f"{r['first_epoch']:.2f} s | pool {r['pool']} | sha {r['sha'][:12]}", flush=True)
+              f"{r['first_epoch']:.2f} s | pool {r['pool']} | "
+              + (f"clean-BN acc {r['acc_clean_bn']:.4f} | " if "acc_clean_bn" in r else "") + f"sha {r['sha'][:12]}",
+              flush=True)
     cold = rows[0]["train"] + rows[0]["predict"]
     warm = [r["train"] + r["predict"] for r in rows if r["warm"]]
     if warm:
@@ -191,7 +208,9 @@ def main():
     for v in stats:
         print(f"WARM {a.preset} variant [{v['label']}] | {scored} acc mean {v['mean']:.4f} over seeds {v['seeds']} | "
               f"vs the first variant {v['paired']:+.4f} (paired over {v['n_paired']} seeds, worse on {v['worse']}) | "
-              f"warm train + predict median {v['warm_median']:.2f} s ({v['time_ratio']:.3f}x the first variant's)")
+              f"warm train + predict median {v['warm_median']:.2f} s ({v['time_ratio']:.3f}x the first variant's)"
+              + (f" | augmented vs clean BN recount {v['bn_gain']:+.4f} (same weights, worse on {v['bn_worse']})"
+                 if "bn_gain" in v else ""))
     if a.json:  # for device_summary's rules: the same figures, not parsed back out of the lines above
         hw2.write_json(a.json, dict(preset=a.preset, device=name, torch=torch.__version__, scored=scored,
                                     seeds=a.seeds, cold=cold, runs=rows, variants=stats))
@@ -200,12 +219,16 @@ def main():
 def compare(rows):
     """Per variant (in the order of the runs): mean accuracy over its distinct seeds (a repeated
     seed counts once, its last run); the mean paired difference from the first variant and on how
-    many of those seeds it scored lower; its warm runs' median train + predict seconds and their
-    ratio to the first variant's (nan where a variant has no warm run)."""
+    many of those seeds it scored lower; the mean gain of the augmented BatchNorm recount over the
+    clean one on the same weights and on how many seeds it scored lower; its warm runs' median
+    train + predict seconds and their ratio to the first variant's (nan where a variant has no
+    warm run)."""
     nan = float("nan")
-    by_variant, seconds = {}, {}
+    by_variant, seconds, bn = {}, {}, {}
     for r in rows:
         by_variant.setdefault(r["label"], {})[r["seed"]] = r["acc"]
+        if "acc_clean_bn" in r:  # augmented minus clean BatchNorm statistics, on the same weights
+            bn.setdefault(r["label"], {})[r["seed"]] = r["acc"] - r["acc_clean_bn"]
         if r["warm"]:
             seconds.setdefault(r["label"], []).append(r["train"] + r["predict"])
     med = {label: statistics.median(ts) for label, ts in seconds.items()}
@@ -218,6 +241,9 @@ def compare(rows):
                         paired=statistics.mean(diffs), n_paired=len(diffs), worse=sum(d < 0 for d in diffs),
                         warm_median=med.get(label, nan),
                         time_ratio=med.get(label, nan) / med.get(first_label, nan)))
+        if label in bn:  # a preset that recounts on augmented images (bn_augmented)
+            gains = bn[label].values()
+            out[-1].update(bn_gain=statistics.mean(gains), bn_worse=sum(d < 0 for d in gains))
     return out
 
 
