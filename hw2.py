@@ -40,7 +40,7 @@
 # optimizer of the 3×3 filters (Problem 4, *Training on the GPU*). Every GPU figure here was
 # measured on an H200; T4 figures are estimates (`BENCHMARKS.md` holds each run and its inputs).
 # The H200's `full` figures predate its BatchNorm recount on augmented images (2026-11-30),
-# worth +0.49 % on a CPU proxy of `full`; no card has measured it yet.
+# worth +0.49 % on a quarter-width CPU proxy of `full`; no card has measured it yet.
 #
 # **Run it.** On Kaggle: add the competition data, and a dataset holding `cifar-10-batches-py`
 # (or switch *Internet* on for torchvision's download); switch the accelerator to *GPU T4 ×2*
@@ -3352,7 +3352,7 @@ def check_still_learning(row, scaler, init_scale=None):
                        "written from it (try --precision fp32, or bf16 on sm_80+)")
 
 
-BN_STATS_SEED = 0xB17  # the recount's augmentation stream: apart from training's, the same per --seed
+BN_STATS_SEED = 0xB17  # the recount's generator is seeded --seed + this: not training's own stream
 
 
 @torch.no_grad()
@@ -3362,12 +3362,12 @@ def recompute_bn_stats(model, images_u8, device, precision, batch_size, augment=
     During training the running averages (momentum 0.1) trail weights that keep moving, and
     lookahead averages them across steps: in short runs they describe none of the weights the
     model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that.
-    The pass takes whole batches of the training batch size (~`n_images` in all), so the shapes
-    are the trained ones. With `augment` (a preset's hyperparameters) the images are augmented as
+    The pass takes batches of the training batch size (~`n_images` in all, whole batches where
+    there are that many), so the shapes are the trained ones on one process. With `augment` (a preset's hyperparameters) the images are augmented as
     training augments them (flips, translations, cutout; a generator of its own, seeded from
     `seed`, so the result depends on the weights and the seed alone, resumed or not): the
     statistics are then those of the batches the later layers were fitted to. That is worth
-    +0.49 % on `full`'s CPU proxy, whose cutout and 4-pixel shifts move the statistics, and
+    +0.49 % on a quarter-width CPU proxy of `full`, whose cutout and 4-pixel shifts move the statistics, and
     nothing measurable under `fast`'s light augmentation (BENCHMARKS.md, `bn_augmented`)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -3775,7 +3775,7 @@ if RUN and not CFG.answers_only:
         n_test=0 if DATA["test_x"] is None else len(DATA["test_x"]), data_source=DATA["source"],
         test_source=DATA["test_path"],
         train_acc=HISTORY[-1]["train_acc"] if HISTORY else None, val_acc=VAL_ACC, test_acc=TEST_ACC,
-        tta=HP["tta"], history=HISTORY,
+        tta=HP["tta"], bn_recount="augmented" if HP.get("bn_augmented") else "clean", history=HISTORY,
         seconds=dict(answers=round(T_ANSWERS, 2), data=round(T_DATA, 2), precision=round(T_PRECISION, 2),
                      train=round(T_TRAIN, 2), predict=round(T_PREDICT, 2), total=round(time.time() - T_START, 2),
                      # parts of `train`: the wait for --prewarm's thread, the CUDA context, the

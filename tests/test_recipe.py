@@ -803,6 +803,7 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     assert m["checkpoint"]["saves"] == 1 and m["checkpoint"]["bytes"] == os.path.getsize(out / "checkpoint.pt")
     assert "deterministic True" in proc.stdout and "optimizer muon" in proc.stdout
     assert m["optimizer"] == "muon" and m["flops"]["optimizer_run"] == hw2.count_optimizer_flops(hw2.PRESETS["fast"]) > 0
+    assert m["bn_recount"] == "clean"  # fast's BatchNorm recount (full's is "augmented")
 
 
 # ---------------------------------------------------------------- --widths

@@ -27,6 +27,10 @@ seeds, its mean difference from the first variant on the same seeds (paired: sam
 images, same order) and on how many it scored lower, and its warm seconds against the first's;
 `--json PATH` writes those figures and every run (tools/device_summary.py applies the rules).
 
+For a preset that recounts its BatchNorm statistics on augmented images (`bn_augmented`: `full`),
+each run's weights are also scored with the clean recount, outside the timed window: the paired
+figure device_summary's BatchNorm rule reads (`acc_clean_bn`, the variant's `bn_gain`).
+
 One variant key is the tool's own, not a hyperparameter: `pool=NAME` trains and predicts with the
 net's three max-pools replaced by `tools/pool_bench.py`'s candidate NAME (mask, pair; torch is
 PyTorch's own), so that a candidate whose kernels measured faster is priced end to end, in time
