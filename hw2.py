@@ -3356,31 +3356,32 @@ BN_STATS_SEED = 0xB17  # the recount's generator is seeded --seed + this: not tr
 
 
 @torch.no_grad()
-def recompute_bn_stats(model, images_u8, device, precision, batch_size, augment=None, seed=0, n_images=10000):
+def recompute_bn_stats(model, images_u8, device, precision, batch_size, hp=None, seed=0, n_images=10000):
     """BatchNorm running statistics of the final weights, from one pass over training images.
 
     During training the running averages (momentum 0.1) trail weights that keep moving, and
     lookahead averages them across steps: in short runs they describe none of the weights the
     model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that.
     The pass takes batches of the training batch size (~`n_images` in all, whole batches where
-    there are that many), so the shapes are the trained ones on one process. With `augment` (a preset's hyperparameters) the images are augmented as
-    training augments them (flips, translations, cutout; a generator of its own, seeded from
-    `seed`, so the result depends on the weights and the seed alone, resumed or not): the
-    statistics are then those of the batches the later layers were fitted to. That is worth
-    +0.49 % on a quarter-width CPU proxy of `full`, whose cutout and 4-pixel shifts move the statistics, and
-    nothing measurable under `fast`'s light augmentation (BENCHMARKS.md, `bn_augmented`)."""
+    there are that many), so the shapes are the trained ones on one process. Where the preset
+    `hp` says `bn_augmented`, the images are augmented as training augments them (flips,
+    translations, cutout; a generator of its own, seeded from `seed`, so the result depends on
+    the weights and the seed alone, resumed or not): the statistics are then those of the
+    batches the later layers were fitted to. That is worth +0.49 % on a quarter-width CPU proxy
+    of `full`, whose cutout and 4-pixel shifts move the statistics, and nothing measurable under
+    `fast`'s light augmentation (BENCHMARKS.md). Without `hp`, or where it says otherwise: clean images."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
     model.train()
     n_images = min(len(images_u8), max(1, round(n_images / batch_size)) * batch_size)
-    if augment is None:
+    if not (hp or {}).get("bn_augmented"):
         x = normalize(images_u8[:n_images])
     else:
         gen = torch.Generator(device=images_u8.device).manual_seed(seed + BN_STATS_SEED)
         flips = torch.rand(n_images, device=images_u8.device, generator=gen) < 0.5
-        x = augment_epoch(images_u8[:n_images], 0, flips, augment, gen)
+        x = augment_epoch(images_u8[:n_images], 0, flips, hp, gen)
     for i, chunk in enumerate(x.split(batch_size)):
         for m in norms:
             # the cumulative (equal-weight) average: what momentum=None does, whose 1/count reads
@@ -3525,8 +3526,7 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     stats["cuda_graph"] = bool(getattr(opt, "graphs", None))  # Muon's step really was replayed
     if scaler is not None:  # one skipped step per halving: init/end tells how many overflowed
         stats["fp16_scale"] = dict(init=init_scale, end=scaler.get_scale())
-    recompute_bn_stats(model, train_x, device, precision, batch_size,
-                       hp if hp.get("bn_augmented") else None, cfg.seed)
+    recompute_bn_stats(model, train_x, device, precision, batch_size, hp, cfg.seed)
     return model, history
 
 

@@ -38,8 +38,7 @@ def main():
                          hp["batch_size"], log=lambda s: None)
     acc = lambda tta: hw2.accuracy(hw2.predict_logits(model, vx, device, precision, tta=tta, batch_size=hp["batch_size"]), vy)
     before = acc(0), acc(hp["tta"])
-    recompute(model, torch.from_numpy(tx).to(device), device, precision, min(hp["batch_size"], len(tx)),
-              hp if hp.get("bn_augmented") else None, a.seed)
+    recompute(model, torch.from_numpy(tx).to(device), device, precision, min(hp["batch_size"], len(tx)), hp, a.seed)
     after = acc(0), acc(hp["tta"])
     steps = a.epochs * (len(tx) // min(hp["batch_size"], len(tx)))
     print(f"BN {a.preset} epochs {a.epochs} ({steps} steps) seed {a.seed} | val acc trailing stats "

@@ -169,6 +169,16 @@ def pool_passed(out_dir):
     return sorted(x.split()[3] for x in lines if re.match(r"POOL verdict fast \S+ pass", x))
 
 
+def sample_checks(d, v):
+    """What every rule asks of its sample first: a GPU, and at least MIN_SEEDS paired seeds."""
+    return [(d["device"] != "CPU", "on a GPU"),
+            (v["n_paired"] >= MIN_SEEDS, f"paired over {v['n_paired']} seeds >= {MIN_SEEDS}")]
+
+
+def shown(checks):
+    return "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks)
+
+
 def rules(out_dir):
     """ADOPT or KEEP per variant of the tune and pooltune phases, each test shown with its figure."""
     out, passed = [], pool_passed(out_dir)
@@ -187,8 +197,7 @@ def rules(out_dir):
             out.append(bn_rule(d, base))
         for v in others:
             ratio = "no warm run" if v["time_ratio"] != v["time_ratio"] else f"{v['time_ratio']:.3f}x"
-            checks = [(d["device"] != "CPU", "on a GPU"),
-                      (v["n_paired"] >= MIN_SEEDS, f"paired over {v['n_paired']} seeds >= {MIN_SEEDS}")]
+            checks = sample_checks(d, v)
             if phase == "tune":
                 checks += [(v["paired"] >= TUNE_MIN_GAIN - EPS, f"paired gain {v['paired']:+.4f} >= +{TUNE_MIN_GAIN}"),
                            (v["worse"] <= TUNE_MAX_WORSE, f"worse on {v['worse']} seeds <= {TUNE_MAX_WORSE}")]
@@ -202,7 +211,7 @@ def rules(out_dir):
                            (v["time_ratio"] <= POOL_MAX_TIME + EPS, f"warm time {ratio} <= {POOL_MAX_TIME}x")]
                 adopt = "ADOPT into hw2.py for fast on a GPU (full ties more under cutout: priced on its own)"
             verdict = adopt if all(ok for ok, _ in checks) else "KEEP the preset"
-            out.append(f"  [{v['label']}] {verdict}: " + "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks))
+            out.append(f"  [{v['label']}] {verdict}: " + shown(checks))
     return (["", "## rules written before the call (tools/warm_runs.py's figures)"] + out) if out else []
 
 
@@ -210,8 +219,7 @@ def bn_rule(d, base):
     """The BatchNorm recount's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30,
     ninth session), on the preset's tune runs: each run's accuracy with the recount on augmented
     images (hw2.py's since then) against the same weights recounted on clean images."""
-    checks = [(d["device"] != "CPU", "on a GPU"),
-              (base["n_paired"] >= MIN_SEEDS, f"paired over {base['n_paired']} seeds >= {MIN_SEEDS}")]
+    checks = sample_checks(d, base)
     figure = (f"augmented vs clean BN recount {base['bn_gain']:+.4f} on the same weights, worse on "
               f"{base['bn_worse']} seeds")
     if not all(ok for ok, _ in checks):
@@ -220,8 +228,7 @@ def bn_rule(d, base):
         verdict = "KEEP the augmented recount"
     else:
         verdict = "REVERT to the clean recount (full's bn_augmented=False)"
-    return (f"  [BatchNorm recount] {verdict}: {figure} (>= {BN_MIN_GAIN:+.4f} keeps it); "
-            + "; ".join(f"{t}: {'yes' if ok else 'NO'}" for ok, t in checks))
+    return f"  [BatchNorm recount] {verdict}: {figure} (>= {BN_MIN_GAIN:+.4f} keeps it); " + shown(checks)
 
 
 # --prewarm's rule (written before any card ran it: BENCHMARKS.md, 2026-11-30, eighth session):
@@ -263,7 +270,7 @@ def prewarm_rule(runs):
     out += [f"{off['name']}: {span(off):.2f} s (data {off.get('data_s')}, cuda init {off.get('cuda_init_s')}) | "
             f"{on['name']}: {span(on):.2f} s (data {on.get('data_s')}, wait {on.get('prewarm_wait_s')}, "
             f"cuda init {on.get('cuda_init_s')}, thread {on.get('prewarm')})" for off, on in pairs]
-    return out + [f"{verdict}: " + "; ".join(f"{t}: {'yes' if c else 'NO'}" for c, t in checks)]
+    return out + [f"{verdict}: " + shown(checks)]
 
 
 def summary(runs_path, log_path):

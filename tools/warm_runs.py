@@ -145,7 +145,7 @@ def clean_bn_accuracy(model, data, test, hp, hw):
     hw2.recompute_bn_stats(clean, images, hw["device"], hw["precision"], min(hp["batch_size"], len(images)))
     logits = hw2.predict_logits(clean, test[0], hw["device"], hw["precision"], tta=hp["tta"],
                                 batch_size=hp["batch_size"])
-    return float((logits.argmax(1).numpy() == test[1]).mean())
+    return hw2.accuracy(logits, test[1])
 
 
 def main():
