@@ -66,6 +66,7 @@ import difflib
 import gc
 import glob
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -347,7 +348,7 @@ def build_parser():
                    help="the filters' optimizer: the preset's (full, fast: Muon; quick, smoke: SGD), or force "
                         "sgd / muon (Nesterov SGD everywhere, or Muon for the 3x3 filters)")
     p.add_argument("--compile", action="store_true", default=_truthy(_env_flag("compile"), "compile"),
-                   help="torch.compile the model (sm_70+ only; off by default: on an H200 compiling "
+                   help="torch.compile the model (sm_70+ and torch 2.5+ only; off by default: on an H200 compiling "
                         "took 13-20 s, more than it saves in these runs)")
     p.add_argument("--deterministic", action="store_true",
                    default=_truthy(_env_flag("deterministic"), "deterministic"),
@@ -1105,7 +1106,7 @@ if RUN and not CFG.skip_answers:
 # | **peak of the step** (parameters + saved activations + those two gradients) | 1,498,673,024 (1.40 GiB) | **1,523,838,856 (1.42 GiB)** |
 # | dropout 0.1: activations saved for backward | 3,221,299,200 | 3,246,465,028 |
 # | **dropout 0.1: peak of the step** | 3,486,773,120 (3.25 GiB) | **3,511,938,952 (3.27 GiB)** |
-# | aside, fused attention (PyTorch's default): activations | 295,510,016 | 295,510,020 |
+# | aside, fused attention (PyTorch's default kernel, measured on torch 2.14.1+cu130): activations | 295,510,016 | 295,510,020 |
 # <!-- end generated -->
 #
 # **Setting.** Batch $B = 16$, source and target length $L = 512$ (the maximum), fp32 (4 bytes),
@@ -1184,7 +1185,8 @@ if RUN and not CFG.skip_answers:
 # floats per attention) and recomputes the probabilities in backward. The same formula with
 # that one term swapped matches the measurement (last row of the table) up to the 4-byte
 # scalar; this is why long-sequence Transformers fit in memory in practice. Other torch
-# versions may pick different kernels; the notebook prints the numbers each run.
+# versions save more around that kernel (torch 2.3.1: 310,190,084 bytes, 14 MiB more); the
+# notebook prints each run's own figure.
 
 # %%
 P3_CONFIG = {"vocab": 4000, "d_model": 64, "n_heads": 8, "d_ff": 256,
@@ -1861,7 +1863,8 @@ def markdown_blocks(ans):
         f"{drop['activations_measured']:,} |",
         f"| **dropout 0.1: peak of the step** | {drop['peak_estimate']:,} ({gib(drop['peak_estimate'])}) | "
         f"**{drop['peak_measured']:,} ({gib(drop['peak_measured'])})** |",
-        f"| aside, fused attention (PyTorch's default): activations | {q4['activations_fused_attention']:,} | "
+        f"| aside, fused attention (PyTorch's default kernel, measured on torch "
+        f"{p3['q4_measurement']['torch_version']}): activations | {q4['activations_fused_attention']:,} | "
         f"{q4['measured_activations_default_attention']:,} |",
     ])
     return blocks
@@ -2235,6 +2238,7 @@ def cpu_native_bf16():
     """Does this CPU compute bf16 natively (AVX512-BF16 or AMX tiles), as torch detects it?
     Elsewhere torch/oneDNN emulate bf16, which is slower than fp32 (BENCHMARKS.md)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # False on non-x86 CPUs
+    # a torch without these probes (2.3) says no: the fp32 recipe, which fits anywhere
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
@@ -2301,6 +2305,16 @@ def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
     return max(1, want), note
 
 
+def inductor_rounds_half_casts():
+    """Can this torch's TorchInductor round half-precision intermediates as eager does
+    (`emulate_precision_casts`, which torch_compile sets)? From torch 2.5 on. On 2.3.1 (checked on
+    the CPU) the fused GELU + amax of the net's head gives NaN gradients in fp16, and Inductor
+    fails to compile the fp32 backward at all, so choose_hardware refuses `--compile` on a torch
+    without the setting instead of training nothing."""
+    import torch._inductor.config as inductor_config
+    return hasattr(inductor_config, "emulate_precision_casts")
+
+
 def choose_hardware(cfg):
     facts = probe_cuda_facts() if cfg.device != "cpu" else dict(capability=None, arch=[], count=0)
     cap, arch = facts["capability"], facts["arch"]
@@ -2324,6 +2338,10 @@ def choose_hardware(cfg):
             plan = select_hardware("auto", None, [], "auto", False, cfg.preset, cpu_bf16)
             plan["auto_precision"] = True
             plan["note"] = f"GPU fails a test op ({err}); falling back to the CPU"
+    if plan["compile"] and not inductor_rounds_half_casts():
+        raise HW2Error(f"--compile: needs torch 2.5+, this is {torch.__version__}: its TorchInductor "
+                       "cannot round fp16 intermediates as eager does (emulate_precision_casts), and "
+                       "compiled training then gets NaN gradients; drop the flag")
     plan["name"] = facts["name"] if plan["device"] == "cuda" else cpu_name()
     torchrun_world = _torchrun_int("WORLD_SIZE")
     can_fork = not torch.cuda.is_initialized() and "fork" in multiprocessing.get_all_start_methods()
@@ -2715,8 +2733,9 @@ def torch_compile(model):
     nothing (0.079 / 0.075 accuracy); reproduced on the CPU, and fixed there
     (tests/test_recipe.py)."""
     import torch._inductor.config as inductor_config
-    inductor_config.emulate_precision_casts = True
+    inductor_config.emulate_precision_casts = True  # torch 2.5+: choose_hardware refuses older
     return torch.compile(model)
+
 
 
 class SingleProcess:
@@ -2856,7 +2875,10 @@ def launch_ranks(world, data, hp, hw, cfg, grace_s=3.0):
     try:
         ctx = start_processes(_rank_main, args=(world, workdir, data, hp, hw, cfg), nprocs=world,
                               join=False, start_method="fork")
-        while not ctx.join(timeout=1.0, grace_period=grace_s):  # kills the rest when one fails
+        # torch < 2.6 has no grace_period (Kaggle may ship one): its join terminates the other
+        # ranks at once, after the failed rank has written its report, so the same line comes out
+        grace = {"grace_period": grace_s} if "grace_period" in inspect.signature(ctx.join).parameters else {}
+        while not ctx.join(timeout=1.0, **grace):  # kills the rest when one fails
             pass
     except (ProcessRaisedException, ProcessExitedException) as e:
         reports = []

@@ -329,7 +329,13 @@ def test_p3_peak_is_saved_activations_plus_two_logit_gradients(p3):
     # the closed form is low by exactly what the activation estimate misses (as the notebook says)
     assert mem["measured_activations"] - mem["activations"] - SCALED_QK_COPIES in (0, 4)
     assert mem["peak_measured"] - mem["peak_estimate"] - SCALED_QK_COPIES in range(0, 17)
-    assert mem["measured_activations_default_attention"] - mem["activations_fused_attention"] in (0, 4)
+    # the default (fused) kernel saves exactly the formula's log-sum-exp rows (+ the scalar) on
+    # the torch the notebook's markdown was measured on; other versions save more around it
+    extra = mem["measured_activations_default_attention"] - mem["activations_fused_attention"]
+    if _aside_row(hw2.markdown_block_text(_markdown(), "3.4"))[0] == torch.__version__:
+        assert extra in (0, 4), extra
+    else:
+        assert extra >= 0, extra
     # headline figures quoted in the issue and the notebook
     assert round(mem["peak_measured"] / 2**30, 2) == 1.42
     assert round(mem["peak_estimate"] / 2**30, 2) == 1.40
@@ -494,10 +500,27 @@ def answers(p1, p2, p3):
     return {"p1": p1, "p2": p2, "p3": p3}
 
 
+def _aside_row(block):
+    """3.4's aside row: (the torch it was measured on, closed form, measured bytes)."""
+    (row,) = [r for r in block.splitlines() if r.startswith("| aside, fused attention")]
+    m = re.fullmatch(r"\| aside, fused attention \(PyTorch's default kernel, measured on torch (\S+)\): "
+                     r"activations \| ([\d,]+) \| ([\d,]+) \|", row)
+    assert m, row
+    return m[1], int(m[2].replace(",", "")), int(m[3].replace(",", ""))
+
+
 @pytest.mark.parametrize("key", ["3.2", "3.3", "3.4"])
 def test_markdown_holds_the_computed_figures(answers, key):
     want = hw2.markdown_blocks(answers)[key]
     got = hw2.markdown_block_text(_markdown(), key)
+    if key == "3.4" and _aside_row(got)[0] != torch.__version__:
+        # Another torch than the one the markdown was measured on: the default attention kernel,
+        # and what is saved around it, vary by version (torch 2.3.1 saves 14 MiB more). Every
+        # other figure must still agree; the aside keeps its closed form, and the fused kernel
+        # saves at least the log-sum-exp rows that form counts.
+        _, closed, measured = _aside_row(want)
+        assert _aside_row(got)[1] == closed and measured >= closed
+        want, got = ("\n".join(r for r in b.splitlines() if not r.startswith("| aside")) for b in (want, got))
     assert got == want, (f"generated block {key} in the notebook markdown is stale: replace it "
                          f"(in hw2.py, then `make sync`) with hw2.markdown_blocks(answers)[{key!r}]")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import ROOT, run_hw2
+from conftest import ROOT, needs_cpu_fused_sgd, needs_cpu_half_pad, run_hw2
 
 HELPER = os.path.join(ROOT, "tests", "ddp_helper.py")
 TABLE_HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
@@ -168,6 +168,8 @@ def test_two_ranks_end_with_identical_weights(two_rank_run):
     assert ck["identity"]["world_size"] == 2
 
 
+@needs_cpu_half_pad
+@needs_cpu_fused_sgd
 def test_fp16_muon_ranks_agree_as_on_kaggles_two_t4s(tmp_path):
     """Kaggle's default: two GPUs, fp16 with GradScaler and the fused optimizer step that skips an
     overflow on the device, Muon for the filters. Each rank decides from its own all-reduced
@@ -225,6 +227,30 @@ def test_resume_with_another_world_size_is_refused(two_rank_run, tmp_path):
 
 
 # ------------------------------------------------------------------ failures
+
+@pytest.mark.parametrize("newer", [True, False])
+def test_launch_ranks_joins_on_torch_without_a_grace_period(monkeypatch, newer):
+    # ProcessContext.join took no grace_period before torch 2.6 (Kaggle's image may be older):
+    # there launch_ranks must not pass it (it did, and every two-GPU run stopped in a TypeError);
+    # where it exists, the grace is still given
+    import torch.multiprocessing as tmp
+    calls = []
+
+    class Ctx:
+        processes = []
+
+        def join(self, timeout=None, grace_period=None):
+            calls.append(dict(timeout=timeout, grace_period=grace_period))
+            return len(calls) == 2  # not done, then done
+
+    class OldCtx(Ctx):
+        def join(self, timeout=None):
+            return Ctx.join(self, timeout)
+
+    monkeypatch.setattr(tmp, "start_processes", lambda *a, **k: Ctx() if newer else OldCtx())
+    hw2.launch_ranks(2, {}, {}, {}, None, grace_s=2.5)
+    assert calls == [dict(timeout=1.0, grace_period=2.5 if newer else None)] * 2
+
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_a_failing_rank_stops_every_rank(tmp_path, mode):

@@ -199,6 +199,24 @@ def test_gpu_failing_its_test_op_falls_back_like_no_gpu(monkeypatch):
     assert (plan["device"], plan["preset"], plan["precision"]) == ("cuda", "full", "fp16")
 
 
+def test_compile_needs_inductors_cast_rounding(monkeypatch):
+    # torch 2.3.1 (the oldest requirements.txt admits) has no emulate_precision_casts: its compiled
+    # fp16 step gives NaN gradients and its Inductor fails on the fp32 backward (BENCHMARKS.md).
+    # --compile is refused there in one line, before anything runs
+    import torch._inductor.config as inductor_config
+    assert hw2.inductor_rounds_half_casts() == hasattr(inductor_config, "emulate_precision_casts")
+    t4 = dict(capability=(7, 5), arch=["sm_75"], count=1, name="Tesla T4", error=None)
+    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: t4)
+    monkeypatch.setattr(hw2, "inductor_rounds_half_casts", lambda: True)
+    plan = hw2.choose_hardware(_cfg(preset="full", compile=True))
+    assert (plan["device"], plan["precision"], plan["compile"]) == ("cuda", "fp16", True)
+    monkeypatch.setattr(hw2, "inductor_rounds_half_casts", lambda: False)
+    for precision in ("auto", "fp32"):
+        with pytest.raises(hw2.HW2Error, match=r"^--compile: needs torch 2\.5\+, this is .*NaN gradients"):
+            hw2.choose_hardware(_cfg(preset="full", compile=True, precision=precision))
+    assert hw2.choose_hardware(_cfg(preset="full"))["compile"] is False  # no flag, no question
+
+
 def test_a_failed_probe_is_not_reported_as_no_gpu(monkeypatch):
     # the probe's child hung or crashed (a broken driver): the note says so, not "no GPU found"
     failed = "the CUDA probe process failed: running on the CPU"

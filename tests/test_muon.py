@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import CPU, quiet, sgd_kilo, train_cfg, train_data
+from conftest import CPU, needs_cpu_fused_sgd, needs_cpu_half_pad, quiet, sgd_kilo, train_cfg, train_data
 
 MUON = {k: hw2.PRESETS["fast"][k] for k in ("muon_lr", "muon_momentum")}  # what --optimizer muon adds
 
@@ -241,6 +241,7 @@ def _scaled_steps(model, opt, scaler, grads, poison=None):
         scaler.update()
 
 
+@needs_cpu_fused_sgd
 @pytest.mark.parametrize("optimizer", ["muon", "sgd"])
 def test_fused_fp16_step_equals_the_unscaled_step(optimizer):
     """The fp16 path (fused=True: SGD's fused kernel, Muon unscaling itself) gives the weights and
@@ -261,6 +262,7 @@ def test_fused_fp16_step_equals_the_unscaled_step(optimizer):
         assert len(bufs) == 9 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(bufs, ref_bufs))
 
 
+@needs_cpu_fused_sgd
 @pytest.mark.parametrize("poison", ["groups.1.conv2.weight", "head.weight"])  # a Muon filter, an SGD weight
 def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
     """An inf anywhere skips the whole step, Muon's filters and momentum included, and halves
@@ -283,6 +285,8 @@ def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
+@needs_cpu_half_pad
+@needs_cpu_fused_sgd
 def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
     """train() in fp16 (on the CPU here; on a GPU the same code): GradScaler's overflow check
     stays on the device, so the host waits only for the epoch's totals, not at every step."""
@@ -312,7 +316,7 @@ def _stand_in_graph(recorded):
     return capture
 
 
-@pytest.mark.parametrize("fp16", [True, False])
+@pytest.mark.parametrize("fp16", [pytest.param(True, marks=needs_cpu_fused_sgd), False])
 def test_captured_muon_step_refills_its_inputs_every_step(monkeypatch, fp16):
     """On a GPU, Muon's update is recorded once as a CUDA graph and replayed: the replay reads
     only the tensors it was recorded on, so each step must copy its own gradients, learning rate
@@ -393,6 +397,7 @@ def test_train_with_muons_step_replayed_gives_the_eager_model(tmp_path, monkeypa
         assert torch.equal(p, q), n
 
 
+@needs_cpu_fused_sgd
 def test_captured_muon_step_skips_an_overflow_flagged_without_a_scale(monkeypatch):
     """After GradScaler.unscale_ (to clip gradients, say) the optimizer is handed the overflow flag
     but no scale. A replayed step must still skip an overflowed step, as the eager one does."""

@@ -15,11 +15,15 @@ import torch
 import torch.nn.functional as F
 
 import hw2
-from conftest import CPU, killed_after_first_save, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
+from conftest import CPU, killed_after_first_save, needs_cpu_fused_sgd, needs_cpu_half_pad, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 # Inductor's CPU backend builds its kernels with a C++ compiler
 needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
                                reason="no C++ compiler: Inductor's CPU backend cannot build kernels here")
+no_cast_rounding = pytest.mark.skipif(
+    not hw2.inductor_rounds_half_casts(),
+    reason=f"torch {torch.__version__}'s Inductor has no emulate_precision_casts: hw2 refuses "
+           "--compile there (tests/test_hardware.py)")
 
 
 # ---------------------------------------------------------------- OOM retry
@@ -88,6 +92,8 @@ def test_oom_positive_control_a_live_reference_is_seen(tmp_path, monkeypatch):
     assert seen == [False]
 
 
+@needs_cpu_half_pad
+@needs_cpu_fused_sgd
 def test_fp16_loss_scale_starts_from_the_batch_trained(tmp_path):
     # 1024 asked for, 320 images: the batch is 320, and so is the batch the scale is sized for
     # (likewise the half batch of an out-of-memory retry), not the preset's
@@ -299,6 +305,8 @@ def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
     assert counts["lost"] < counts["lost_unscaled"], counts  # the scale does save small gradients
 
 
+@needs_cpu_half_pad
+@needs_cpu_fused_sgd
 def test_fp16_training_starts_its_grad_scaler_at_the_fitted_scale(tmp_path):
     """The GradScaler starts at fp16_loss_scale(batch), not PyTorch's 65536: two steps are too few
     for it to grow, and a start at 65536 would still be above the fitted scale after two
@@ -563,6 +571,7 @@ def test_model_trains_under_deterministic_algorithms(tmp_path):
 
 
 @needs_cxx
+@no_cast_rounding
 def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
     """--compile (item 5, a GPU flag) through Dynamo and Inductor's C++ backend on the CPU: the
     graph capture is the GPU's, so a graph break or a recompile per step would show here, before a
@@ -584,7 +593,12 @@ def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
 
 
+
+
+@needs_cpu_half_pad
+@needs_cpu_fused_sgd
 @needs_cxx
+@no_cast_rounding
 def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
     """--compile in fp16 (the GPU's precision), GradScaler and fused step included, through the
     real train() on the CPU. On an H200 (2026-11-29) the compiled runs learnt nothing: every
@@ -608,6 +622,7 @@ def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
 
 
 @needs_cxx
+@no_cast_rounding
 def test_compiled_fp16_amax_of_gelu_gradient():
     """The bug itself, on the net's last two ops: with Inductor's default (half-precision
     intermediates not rounded), amax's backward finds no entry equal to the max and the gradient
@@ -655,7 +670,7 @@ def _nan_grad(x):
     return NaNGrad.apply(x)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("precision", [pytest.param("fp16", marks=[needs_cpu_half_pad, needs_cpu_fused_sgd]), "fp32"])
 def test_a_run_that_stopped_learning_stops_with_one_line(tmp_path, monkeypatch, precision):
     """fp16: every step's gradients overflow (NaN), GradScaler skips them all and halves its scale
     to ~0 (what the compiled H200 runs did): the run must stop, not predict from an untrained net.
