@@ -1106,7 +1106,7 @@ if RUN and not CFG.skip_answers:
 # | **peak of the step** (parameters + saved activations + those two gradients) | 1,498,673,024 (1.40 GiB) | **1,523,838,856 (1.42 GiB)** |
 # | dropout 0.1: activations saved for backward | 3,221,299,200 | 3,246,465,028 |
 # | **dropout 0.1: peak of the step** | 3,486,773,120 (3.25 GiB) | **3,511,938,952 (3.27 GiB)** |
-# | aside, fused attention (PyTorch's default kernel, measured on torch 2.14.1+cu130): activations | 295,510,016 | 295,510,020 |
+# | aside, fused attention (PyTorch's default kernel, measured on torch 2.14.1): activations | 295,510,016 | 295,510,020 |
 # <!-- end generated -->
 #
 # **Setting.** Batch $B = 16$, source and target length $L = 512$ (the maximum), fp32 (4 bytes),
@@ -1864,7 +1864,8 @@ def markdown_blocks(ans):
         f"| **dropout 0.1: peak of the step** | {drop['peak_estimate']:,} ({gib(drop['peak_estimate'])}) | "
         f"**{drop['peak_measured']:,} ({gib(drop['peak_measured'])})** |",
         f"| aside, fused attention (PyTorch's default kernel, measured on torch "
-        f"{p3['q4_measurement']['torch_version']}): activations | {q4['activations_fused_attention']:,} | "
+        f"{p3['q4_measurement']['torch_version'].split('+')[0]}): activations | "
+        f"{q4['activations_fused_attention']:,} | "
         f"{q4['measured_activations_default_attention']:,} |",
     ])
     return blocks
@@ -2307,12 +2308,13 @@ def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
 
 def inductor_rounds_half_casts():
     """Can this torch's TorchInductor round half-precision intermediates as eager does
-    (`emulate_precision_casts`, which torch_compile sets)? From torch 2.5 on. On 2.3.1 (checked on
-    the CPU) the fused GELU + amax of the net's head gives NaN gradients in fp16, and Inductor
-    fails to compile the fp32 backward at all, so choose_hardware refuses `--compile` on a torch
-    without the setting instead of training nothing."""
-    import torch._inductor.config as inductor_config
-    return hasattr(inductor_config, "emulate_precision_casts")
+    (`emulate_precision_casts`, which torch_compile sets)? From torch 2.5 on (the 2.4.1 wheel has
+    no such setting, 2.5.1's has). On 2.3.1 (checked on the CPU) the fused GELU + amax of the
+    net's head gives NaN gradients in fp16, and Inductor fails to build the fp32 backward at all,
+    so choose_hardware refuses `--compile` below 2.5 instead of training nothing. Read from the
+    version, not by importing Inductor: the parent of several GPU ranks must not load Triton's
+    CUDA driver bindings before it forks them."""
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def choose_hardware(cfg):
@@ -2339,7 +2341,7 @@ def choose_hardware(cfg):
             plan["auto_precision"] = True
             plan["note"] = f"GPU fails a test op ({err}); falling back to the CPU"
     if plan["compile"] and not inductor_rounds_half_casts():
-        raise HW2Error(f"--compile: needs torch 2.5+, this is {torch.__version__}: its TorchInductor "
+        raise HW2Error(f"--compile: needs torch 2.5+, this is {torch.__version__}: older TorchInductor "
                        "cannot round fp16 intermediates as eager does (emulate_precision_casts), and "
                        "compiled training then gets NaN gradients; drop the flag")
     plan["name"] = facts["name"] if plan["device"] == "cuda" else cpu_name()
@@ -2735,7 +2737,6 @@ def torch_compile(model):
     import torch._inductor.config as inductor_config
     inductor_config.emulate_precision_casts = True  # torch 2.5+: choose_hardware refuses older
     return torch.compile(model)
-
 
 
 class SingleProcess:

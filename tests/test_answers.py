@@ -332,7 +332,7 @@ def test_p3_peak_is_saved_activations_plus_two_logit_gradients(p3):
     # the default (fused) kernel saves exactly the formula's log-sum-exp rows (+ the scalar) on
     # the torch the notebook's markdown was measured on; other versions save more around it
     extra = mem["measured_activations_default_attention"] - mem["activations_fused_attention"]
-    if _aside_row(hw2.markdown_block_text(_markdown(), "3.4"))[0] == torch.__version__:
+    if _aside_row(hw2.markdown_block_text(_markdown(), "3.4"))[0] == torch.__version__.split("+")[0]:
         assert extra in (0, 4), extra
     else:
         assert extra >= 0, extra
@@ -513,7 +513,7 @@ def _aside_row(block):
 def test_markdown_holds_the_computed_figures(answers, key):
     want = hw2.markdown_blocks(answers)[key]
     got = hw2.markdown_block_text(_markdown(), key)
-    if key == "3.4" and _aside_row(got)[0] != torch.__version__:
+    if key == "3.4" and _aside_row(got)[0] != torch.__version__.split("+")[0]:
         # Another torch than the one the markdown was measured on: the default attention kernel,
         # and what is saved around it, vary by version (torch 2.3.1 saves 14 MiB more). Every
         # other figure must still agree; the aside keeps its closed form, and the fused kernel

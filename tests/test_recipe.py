@@ -26,6 +26,16 @@ no_cast_rounding = pytest.mark.skipif(
            "--compile there (tests/test_hardware.py)")
 
 
+def test_the_cpu_kernel_probes_pass_on_the_torch_ci_installs():
+    # The fp16 tests skip where the CPU lacks a kernel (torch 2.3.1: fused SGD and fp16
+    # reflection padding; 2.5.1 still lacks the padding). On the torch CI installs (2.14.1) both
+    # are there: a probe that broke there would otherwise skip those tests without a word.
+    import conftest
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14):
+        pytest.skip(f"torch {torch.__version__}: older than CI's")
+    assert conftest.CPU_FUSED_SGD and conftest.CPU_HALF_PAD
+
+
 # ---------------------------------------------------------------- OOM retry
 @pytest.mark.parametrize("cycle", [False, True])
 def test_oom_retry_frees_the_failed_attempt_before_retrying(tmp_path, monkeypatch, cycle):
@@ -591,8 +601,6 @@ def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
     assert graphs == 2  # smoke: whiten_bias_epochs=1, so epoch 2 runs without the bias's gradient
     for a, b in zip(eager, compiled):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
-
-
 
 
 @needs_cpu_half_pad
