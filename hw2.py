@@ -2314,7 +2314,7 @@ def inductor_rounds_half_casts():
     so choose_hardware refuses `--compile` below 2.5 instead of training nothing. Read from the
     version, not by importing Inductor: the parent of several GPU ranks must not load Triton's
     CUDA driver bindings before it forks them."""
-    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+    return torch.__version__ >= (2, 5)  # TorchVersion compares as a version, build tag aside
 
 
 def choose_hardware(cfg):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import ROOT, needs_cpu_fused_sgd, needs_cpu_half_pad, run_hw2
+from conftest import ROOT, needs_cpu_fp16, run_hw2
 
 HELPER = os.path.join(ROOT, "tests", "ddp_helper.py")
 TABLE_HEADER = re.compile(r"^ *epoch +train_loss +train_acc +val_acc +lr +seconds$", re.M)
@@ -168,8 +168,7 @@ def test_two_ranks_end_with_identical_weights(two_rank_run):
     assert ck["identity"]["world_size"] == 2
 
 
-@needs_cpu_half_pad
-@needs_cpu_fused_sgd
+@needs_cpu_fp16
 def test_fp16_muon_ranks_agree_as_on_kaggles_two_t4s(tmp_path):
     """Kaggle's default: two GPUs, fp16 with GradScaler and the fused optimizer step that skips an
     overflow on the device, Muon for the filters. Each rank decides from its own all-reduced

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hw2
-from conftest import CPU, needs_cpu_fused_sgd, needs_cpu_half_pad, quiet, sgd_kilo, train_cfg, train_data
+from conftest import CPU, needs_cpu_fp16, needs_cpu_fused_sgd, quiet, sgd_kilo, train_cfg, train_data
 
 MUON = {k: hw2.PRESETS["fast"][k] for k in ("muon_lr", "muon_momentum")}  # what --optimizer muon adds
 
@@ -285,8 +285,7 @@ def test_fused_fp16_step_skips_an_overflow_on_the_device(poison):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
-@needs_cpu_half_pad
-@needs_cpu_fused_sgd
+@needs_cpu_fp16
 def test_fp16_training_syncs_once_per_epoch_not_per_step(tmp_path):
     """train() in fp16 (on the CPU here; on a GPU the same code): GradScaler's overflow check
     stays on the device, so the host waits only for the epoch's totals, not at every step."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import hw2
-from conftest import CPU, killed_after_first_save, needs_cpu_fused_sgd, needs_cpu_half_pad, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
+from conftest import CPU, killed_after_first_save, needs_cpu_fp16, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
 # Inductor's CPU backend builds its kernels with a C++ compiler
 needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
@@ -31,9 +31,9 @@ def test_the_cpu_kernel_probes_pass_on_the_torch_ci_installs():
     # reflection padding; 2.5.1 still lacks the padding). On the torch CI installs (2.14.1) both
     # are there: a probe that broke there would otherwise skip those tests without a word.
     import conftest
-    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14):
+    if torch.__version__ < (2, 14):
         pytest.skip(f"torch {torch.__version__}: older than CI's")
-    assert conftest.CPU_FUSED_SGD and conftest.CPU_HALF_PAD
+    assert conftest.CPU_FP16_MISSING == []
 
 
 # ---------------------------------------------------------------- OOM retry
@@ -102,8 +102,7 @@ def test_oom_positive_control_a_live_reference_is_seen(tmp_path, monkeypatch):
     assert seen == [False]
 
 
-@needs_cpu_half_pad
-@needs_cpu_fused_sgd
+@needs_cpu_fp16
 def test_fp16_loss_scale_starts_from_the_batch_trained(tmp_path):
     # 1024 asked for, 320 images: the batch is 320, and so is the batch the scale is sized for
     # (likewise the half batch of an out-of-memory retry), not the preset's
@@ -315,8 +314,7 @@ def test_fp16_loss_scale_fits_the_measured_gradients(cifar_dir):
     assert counts["lost"] < counts["lost_unscaled"], counts  # the scale does save small gradients
 
 
-@needs_cpu_half_pad
-@needs_cpu_fused_sgd
+@needs_cpu_fp16
 def test_fp16_training_starts_its_grad_scaler_at_the_fitted_scale(tmp_path):
     """The GradScaler starts at fp16_loss_scale(batch), not PyTorch's 65536: two steps are too few
     for it to grow, and a start at 65536 would still be above the fitted scale after two
@@ -603,8 +601,7 @@ def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
 
 
-@needs_cpu_half_pad
-@needs_cpu_fused_sgd
+@needs_cpu_fp16
 @needs_cxx
 @no_cast_rounding
 def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
@@ -678,7 +675,7 @@ def _nan_grad(x):
     return NaNGrad.apply(x)
 
 
-@pytest.mark.parametrize("precision", [pytest.param("fp16", marks=[needs_cpu_half_pad, needs_cpu_fused_sgd]), "fp32"])
+@pytest.mark.parametrize("precision", [pytest.param("fp16", marks=needs_cpu_fp16), "fp32"])
 def test_a_run_that_stopped_learning_stops_with_one_line(tmp_path, monkeypatch, precision):
     """fp16: every step's gradients overflow (NaN), GradScaler skips them all and halves its scale
     to ~0 (what the compiled H200 runs did): the run must stop, not predict from an untrained net.
