@@ -5,8 +5,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import nbformat
 import numpy as np
@@ -145,6 +147,55 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     assert res.returncode != 0 and res.stdout == ""
     assert res.stderr.splitlines() == ["hw2: interrupted; a checkpoint (if any) is in the output dir: "
                                        "rerun with --resume"], res.stderr[-3000:]
+
+
+_PREWARM_THEN_CTRL_C = """
+import os, sys, time
+import hw2
+sys.excepthook = hw2._script_excepthook  # what `python hw2.py` installs
+def slow_start():  # a CUDA start that takes a while
+    time.sleep({sleep})
+    open({marker!r}, "w").close()
+hw2.prewarm_cuda = slow_start
+hw2.Prewarm().start()
+print("started", flush=True)
+time.sleep(60)  # the data load, interrupted here
+"""
+
+
+def _interrupt(tmp_path, sleep, signals):
+    """A process with --prewarm's thread still starting CUDA, sent `signals` Ctrl-Cs 0.5 s apart."""
+    marker = tmp_path / f"prewarm_finished_{signals}"
+    script = tmp_path / f"prewarm_ctrl_c_{signals}.py"
+    script.write_text(_PREWARM_THEN_CTRL_C.format(sleep=sleep, marker=str(marker)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=ROOT),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline() == "started\n"
+    t0 = time.time()
+    for i in range(signals):
+        if i:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err, time.time() - t0, marker.exists()
+
+
+ONE_LINE = ["hw2: interrupted; a checkpoint (if any) is in the output dir: rerun with --resume"]
+
+
+def test_ctrl_c_waits_for_the_prewarm_thread_and_a_second_one_ends_it_without_a_traceback(tmp_path):
+    """--prewarm's thread is not a daemon, so that an early exit does not tear CUDA down under it.
+    One Ctrl-C: one line, and the process waits for the thread. A second one during that wait
+    used to print a traceback from Python's own wait at shutdown (threading._shutdown); it now
+    ends the process at once, with the same single line and the shell's code for Ctrl-C."""
+    rc, err, _, finished = _interrupt(tmp_path, sleep=1.0, signals=1)
+    assert rc != 0 and err.splitlines() == ONE_LINE, err[-3000:]
+    assert finished  # the thread ran to its end before the process exited
+    rc, err, seconds, finished = _interrupt(tmp_path, sleep=30, signals=2)
+    assert err.splitlines() == ONE_LINE, err[-3000:]
+    assert rc == 130 and seconds < 15 and not finished
 
 
 def test_a_failed_run_removes_every_output_dir_it_created_and_only_those(tmp_path, monkeypatch):

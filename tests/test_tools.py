@@ -178,17 +178,19 @@ def test_warm_runs_clean_bn_accuracy_is_the_clean_recounts_own(tmp_path, monkeyp
 
 
 def test_bn_rule_keeps_the_augmented_recount_unless_the_card_says_it_loses(tmp_path):
-    def verdict(gain, n=4, device="NVIDIA H200"):
+    def verdict(gain, n=4, device="NVIDIA H200", preset="full"):
         import json
         base = dict(label="preset", mean=0.92, paired=0.0, n_paired=n, worse=0, warm_median=13.5, time_ratio=1.0,
                     overrides={}, bn_gain=gain, bn_worse=1)
-        (tmp_path / "tune.json").write_text(json.dumps(dict(preset="full", scored="val", seeds="0,1,2,3",
+        (tmp_path / "tune.json").write_text(json.dumps(dict(preset=preset, scored="val", seeds="0,1,2,3",
                                                             device=device, variants=[base])))
         return [x for x in _tool("device_summary").rules(str(tmp_path)) if "[BatchNorm recount]" in x]
 
     assert "KEEP the augmented" in verdict(0.004)[0]
     assert "KEEP the augmented" in verdict(sum([4680 / 5000 - 4680 / 5000] * 4) / 4)[0]  # level: kept
-    assert "REVERT to the clean" in verdict(-0.0002)[0]
+    assert "REVERT to the clean recount (full's bn_augmented=False)" in verdict(-0.0002)[0]
+    # the verdict names the preset the tune phase ran (TUNE_PRESET), not full's alone
+    assert "REVERT to the clean recount (smoke's bn_augmented=False)" in verdict(-0.0002, preset="smoke")[0]
     assert "KEEP the augmented" in verdict(-1e-12)[0]  # a float mean of zero gains may land a hair below 0
     assert "no verdict" in verdict(-0.01, n=3)[0] and "no verdict" in verdict(-0.01, device="CPU")[0]
     assert "worse on 1 seeds" in verdict(0.004)[0]

@@ -227,7 +227,7 @@ def bn_rule(d, base):
     elif base["bn_gain"] >= BN_MIN_GAIN - EPS:
         verdict = "KEEP the augmented recount"
     else:
-        verdict = "REVERT to the clean recount (full's bn_augmented=False)"
+        verdict = f"REVERT to the clean recount ({d['preset']}'s bn_augmented=False)"
     return f"  [BatchNorm recount] {verdict}: {figure} (>= {BN_MIN_GAIN:+.4f} keeps it); " + shown(checks)
 
 
