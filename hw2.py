@@ -76,6 +76,7 @@ import os
 import pickle
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -109,18 +110,24 @@ def _script_excepthook(kind, err, tb):
     _wait_for_threads()
 
 
+PREWARM_THREAD = "hw2-prewarm"  # the name of --prewarm's thread (class Prewarm, below)
+
+
 def _wait_for_threads():
-    """Join the threads Python would wait for at exit (`--prewarm`'s, which is not a daemon so as
-    not to tear CUDA down under it) here, where a second Ctrl-C during the wait ends the process
-    at once and in silence; in Python's own wait at shutdown it prints a traceback."""
+    """Join `--prewarm`'s thread (not a daemon, so as not to tear CUDA down under it) here, where
+    a second Ctrl-C during the wait ends the process at once and in silence; in Python's own wait
+    at shutdown it prints a traceback. Only that thread: others, such as the idle workers of
+    Inductor's compile pool, end only in Python's shutdown, after this hook, and joining them here
+    would wait forever."""
     try:
         for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
+            if thread.name == PREWARM_THREAD:
                 thread.join()
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)  # 128 + SIGINT, as a shell reports it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # end as one Ctrl-C does: killed by SIGINT
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _notebook_exc_handler(shell, kind, err, tb, tb_offset=None):
@@ -2324,13 +2331,13 @@ def select_world_size(gpus, device, n_gpus, torchrun_world=None, can_fork=True):
 def inductor_rounds_half_casts():
     """Can this torch's TorchInductor round half-precision intermediates on the GPU as eager does
     (`emulate_precision_casts`, which torch_compile sets)? From torch 2.5 on (the 2.4.1 wheel has
-    no such setting, 2.5.1's has, and its Triton code generator honours it). On 2.3.1 (checked on
-    the CPU) the fused GELU + amax of the net's head gives NaN gradients in fp16, and Inductor
-    fails to build the fp32 backward at all, so choose_hardware refuses `--compile` below 2.5
-    instead of training nothing. Checked on a GPU on 2.11 only (an H200); the CPU's C++ backend
-    honours the setting only from 2.13 (BENCHMARKS.md), which is why the CPU tests of compiled
-    training start there. Read from the version, not by importing Inductor: the parent of
-    several GPU ranks must not load Triton's CUDA driver bindings before it forks them."""
+    no such setting; 2.5.1's has, and its Triton code generator honours it, by its source; a GPU
+    checked it on 2.11). On 2.3.1 (checked on the CPU) the fused GELU + amax of the net's head
+    gives NaN gradients in fp16, and Inductor fails to build the fp32 backward at all, so
+    choose_hardware refuses `--compile` below 2.5 instead of training nothing. (The CPU's C++
+    backend rounds only from 2.13: BENCHMARKS.md.) Read from the version, not by importing
+    Inductor: the parent of several GPU ranks must not load Triton's CUDA driver bindings
+    before it forks them."""
     return torch.__version__ >= (2, 5)  # TorchVersion compares as a version, build tag aside
 
 
@@ -2400,7 +2407,7 @@ class Prewarm(threading.Thread):
     the second it takes rather than tear CUDA down under it."""
 
     def __init__(self):
-        super().__init__(name="hw2-prewarm")
+        super().__init__(name=PREWARM_THREAD)
         self.seconds, self.error = None, None
 
     def run(self):
@@ -2750,7 +2757,7 @@ def torch_compile(model):
     equal to the max) then finds no entry equal to it, divides by a count of 0, and every
     gradient is NaN: on an H200 (2026-11-29) the loss scale fell to 0 and `--compile` trained
     nothing (0.079 / 0.075 accuracy); fixed there (2026-11-30, torch 2.11), and reproduced and
-    fixed on the CPU (tests/test_recipe.py; the CPU backend honours the setting from torch 2.13)."""
+    fixed on the CPU (tests/test_recipe.py)."""
     import torch._inductor.config as inductor_config
     inductor_config.emulate_precision_casts = True  # torch 2.5+: choose_hardware refuses older
     return torch.compile(model)

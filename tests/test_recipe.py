@@ -26,12 +26,14 @@ needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
 # 2.12.0 its compiled fp16 amax-of-GELU gradient stays NaN with the setting, on 2.7.1-2.10.0 the
 # setting breaks its vectorised kernels; 2.13.0 and 2.14.1 round as eager does)
 CPU_INDUCTOR_ROUNDS_FROM = (2, 13)
-no_cast_rounding = pytest.mark.skipif(
-    torch.__version__ < CPU_INDUCTOR_ROUNDS_FROM,
-    reason=(f"torch {torch.__version__}'s Inductor has no emulate_precision_casts: hw2 refuses --compile "
-            "there (tests/test_hardware.py)") if not hw2.inductor_rounds_half_casts() else
-           (f"torch {torch.__version__}: Inductor's CPU backend, the stand-in for a compiled GPU run here, "
-            "ignores emulate_precision_casts before 2.13 (fp16 gradients NaN; BENCHMARKS.md)"))
+if not hw2.inductor_rounds_half_casts():
+    _why = (f"torch {torch.__version__}'s Inductor has no emulate_precision_casts: hw2 refuses --compile "
+            "there (tests/test_hardware.py)")
+else:
+    _why = (f"torch {torch.__version__}: Inductor's CPU backend, the stand-in for a compiled GPU run here, "
+            "does not round fp16 as eager does before 2.13 (NaN gradients, or kernels that fail to "
+            "build; BENCHMARKS.md)")
+no_cast_rounding = pytest.mark.skipif(torch.__version__ < CPU_INDUCTOR_ROUNDS_FROM, reason=_why)
 
 
 def test_the_cpu_kernel_probes_pass_on_the_torch_ci_installs():
