@@ -135,6 +135,9 @@ def test_a_real_write_limit_ends_the_script_in_one_line(tmp_path, tiny_cifar_dir
     assert not out.exists()  # the run created it and completed nothing in it: removed, temp file too
 
 
+ONE_LINE = "hw2: interrupted; a checkpoint (if any) is in the output dir: rerun with --resume"
+
+
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     # torch takes 1-2 s to import: a Ctrl-C then used to print a KeyboardInterrupt traceback. A
     # stand-in torch package sends the process a real SIGINT from inside its import.
@@ -145,8 +148,7 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     res = run_hw2("--output-dir", tmp_path / "out", env={"PYTHONPATH": str(tmp_path / "stand_in")},
                   timeout=60, cwd=tmp_path)
     assert res.returncode != 0 and res.stdout == ""
-    assert res.stderr.splitlines() == ["hw2: interrupted; a checkpoint (if any) is in the output dir: "
-                                       "rerun with --resume"], res.stderr[-3000:]
+    assert res.stderr.splitlines() == [ONE_LINE], res.stderr[-3000:]
 
 
 _PREWARM_THEN_CTRL_C = """
@@ -161,9 +163,6 @@ hw2.Prewarm().start()
 print("started", flush=True)
 time.sleep(60)  # the data load, interrupted here
 """
-
-ONE_LINE = "hw2: interrupted; a checkpoint (if any) is in the output dir: rerun with --resume"
-
 
 def _run_child(tmp_path, name, code, interrupt):
     """Run `code` with hw2 importable; once it prints "started", `interrupt(proc)`. Returns

@@ -17,23 +17,25 @@ import torch.nn.functional as F
 import hw2
 from conftest import CPU, killed_after_first_save, needs_cpu_fp16, quiet as _quiet, run_hw2, sgd_kilo, state_equal as _state_equal, train_cfg as _cfg, train_data as _data
 
-# Inductor's CPU backend builds its kernels with a C++ compiler
-needs_cxx = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
-                               reason="no C++ compiler: Inductor's CPU backend cannot build kernels here")
 # The compiled tests below run Inductor's CPU (C++) backend as a stand-in for the GPU's Triton one.
-# Triton honours emulate_precision_casts from torch 2.5 (hw2.inductor_rounds_half_casts); the C++
-# backend only from 2.13 (BENCHMARKS.md, eleventh session of 2026-11-30: on 2.5.1, 2.6.0, 2.11.0 and
-# 2.12.0 its compiled fp16 amax-of-GELU gradient stays NaN with the setting, on 2.7.1-2.10.0 the
-# setting breaks its vectorised kernels; 2.13.0 and 2.14.1 round as eager does)
+# It needs a C++ compiler, and a torch whose C++ backend rounds fp16 as eager does: Triton honours
+# emulate_precision_casts from torch 2.5 (hw2.inductor_rounds_half_casts), the C++ backend only from
+# 2.13 (BENCHMARKS.md, eleventh session of 2026-11-30: on 2.5.1, 2.6.0, 2.11.0 and 2.12.0 its
+# compiled fp16 amax-of-GELU gradient stays NaN with the setting, on 2.7.1-2.10.0 the setting
+# breaks its vectorised kernels; 2.13.0 and 2.14.1 round as eager does)
 CPU_INDUCTOR_ROUNDS_FROM = (2, 13)
-if not hw2.inductor_rounds_half_casts():
+if not shutil.which(os.environ.get("CXX", "g++")):
+    _why = "no C++ compiler: Inductor's CPU backend cannot build kernels here"
+elif not hw2.inductor_rounds_half_casts():
     _why = (f"torch {torch.__version__}'s Inductor has no emulate_precision_casts: hw2 refuses --compile "
             "there (tests/test_hardware.py)")
-else:
+elif torch.__version__ < CPU_INDUCTOR_ROUNDS_FROM:
     _why = (f"torch {torch.__version__}: Inductor's CPU backend, the stand-in for a compiled GPU run here, "
             "does not round fp16 as eager does before 2.13 (NaN gradients, or kernels that fail to "
             "build; BENCHMARKS.md)")
-no_cast_rounding = pytest.mark.skipif(torch.__version__ < CPU_INDUCTOR_ROUNDS_FROM, reason=_why)
+else:
+    _why = None
+needs_cpu_inductor = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 
 def test_the_cpu_kernel_probes_pass_on_the_torch_ci_installs():
@@ -588,8 +590,7 @@ def test_model_trains_under_deterministic_algorithms(tmp_path):
     assert len(hist) == 1
 
 
-@needs_cxx
-@no_cast_rounding
+@needs_cpu_inductor
 def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
     """--compile (item 5, a GPU flag) through Dynamo and Inductor's C++ backend on the CPU: the
     graph capture is the GPU's, so a graph break or a recompile per step would show here, before a
@@ -612,8 +613,7 @@ def test_compiled_training_traces_in_one_graph_and_matches_eager(tmp_path):
 
 
 @needs_cpu_fp16
-@needs_cxx
-@no_cast_rounding
+@needs_cpu_inductor
 def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
     """--compile in fp16 (the GPU's precision), GradScaler and fused step included, through the
     real train() on the CPU. On an H200 (2026-11-29) the compiled runs learnt nothing: every
@@ -636,8 +636,7 @@ def test_compiled_fp16_training_learns_as_eager_does(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
 
 
-@needs_cxx
-@no_cast_rounding
+@needs_cpu_inductor
 def test_compiled_fp16_amax_of_gelu_gradient():
     """The bug itself, on the net's last two ops: with Inductor's default (half-precision
     intermediates not rounded), amax's backward finds no entry equal to the max and the gradient
