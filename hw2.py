@@ -2740,9 +2740,10 @@ if RUN and not CFG.answers_only:
 #   (`full` has 9) on a PCIe link, and has no CPU path, so the gloo tests could not cover it.
 #   The running statistics, the only state that differs between ranks, are averaged across
 #   ranks at each epoch end: all ranks hold identical weights (a test compares checksums),
-#   checkpoints describe every rank. After the last epoch every rank recomputes them from the
-#   same ~10,000 training images (augmented from the same seed for `full`: `recompute_bn_stats`),
-#   and one more average evens out the last bits.
+#   checkpoints describe every rank. After the last epoch they are recomputed from ~10,000
+#   training images (augmented from the same seed for `full`: `recompute_bn_stats`): each rank
+#   takes its shard of each batch, as in training, and the average across ranks that follows is
+#   the one-process recount at the per-rank batch, at 1/N of the work per card.
 # * **Outputs.** Only rank 0 prints and writes `checkpoint.pt` and `model.pt`; prediction and the
 #   other outputs happen once, after training. `--resume` needs the same number of processes
 #   (the checkpoint records it) and says so otherwise; `metrics.json` records `world_size`.
@@ -2864,7 +2865,7 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
         except torch.cuda.OutOfMemoryError:  # a retry would need every rank to agree: stop
             raise HW2Error(f"CUDA out of memory at a global batch of {batch_size} on {world} "
                            "processes: run with --gpus 1, which retries at half the batch") from None
-        DIST.average_buffers(model)  # the final BN recompute may differ in the last bits per GPU
+        DIST.average_buffers(model)  # each rank recounted BN's statistics on its own shard
         if rank == 0:
             save_torch(os.path.join(cfg.output_dir, "model.pt"),
                        model_record(model, cfg, hp, history, batch_size, data, world_size=world, train_stats=stats,
@@ -3410,7 +3411,10 @@ def recompute_bn_stats(model, images_u8, device, precision, batch_size, hp=None,
     lookahead averages them across steps: in short runs they describe none of the weights the
     model ends with (BENCHMARKS.md). One pass in train mode, cumulative average, fixes that.
     The pass takes batches of the training batch size (~`n_images` in all, whole batches where
-    there are that many), so the shapes are the trained ones on one process. Where the preset
+    there are that many). On several processes each rank takes its shard of every batch, as in
+    training, and the average across ranks that follows (`train_rank`) is then the recount of
+    one process at the per-rank batch: so on every rank the shapes are the trained ones, and each
+    rank does 1/world of the work. Where the preset
     `hp` says `bn_augmented`, the images are augmented as training augments them (flips,
     translations, cutout; a generator of its own, seeded from `seed`, so the result depends on
     the weights and the seed alone, resumed or not): the statistics are then those of the
@@ -3430,6 +3434,7 @@ def recompute_bn_stats(model, images_u8, device, precision, batch_size, hp=None,
         flips = torch.rand(n_images, device=images_u8.device, generator=gen) < 0.5
         x = augment_epoch(images_u8[:n_images], 0, flips, hp, gen)
     for i, chunk in enumerate(x.split(batch_size)):
+        chunk = DIST.shard(chunk)  # this rank's part of the batch: the whole batch on one process
         for m in norms:
             # the cumulative (equal-weight) average: what momentum=None does, whose 1/count reads
             # the count off the device, a sync per layer per batch on a GPU

@@ -7,8 +7,9 @@ state_dict to OUT/../rank<R>.sha256. MODE injects a fault: `ok` none; `raise` ra
 HW2Error at step 3 while rank 0 trains on (and blocks in the next all-reduce); `hang` rank 1
 raises while rank 0 sleeps outside any collective; `interrupt` every rank stops at the first
 step of epoch 2 (checkpoint.pt holds epoch 1); `slow` every step sleeps 0.5 s (for Ctrl-C).
-`grads` and `end_epoch` train nothing: on two forked ranks they check one step's sharded, summed
-gradients, and DataParallel.end_epoch's sums and averages, and print one line per rank.
+`grads`, `end_epoch` and `recount` train nothing: on two forked ranks they check one step's
+sharded, summed gradients, DataParallel.end_epoch's sums and averages, and the final BatchNorm
+recount's shards and average, and print one line per rank.
 Env DDP_HELPER_CPUS=N: usable_cpus() says N, and the parent runs a parallel op on N threads first.
 Env DDP_HELPER_FP16=1: the ranks train as on Kaggle's T4 ×2 (fp16 autocast, GradScaler, the fused
 optimizer step; CPU autocast runs fp16 too) with Muon, the default GPU presets' optimizer.
@@ -110,11 +111,43 @@ def check_end_epoch(rank, world, workdir):
     dist.destroy_process_group()
 
 
-if mode in ("grads", "end_epoch"):
+def check_recount(rank, world, workdir):
+    """recompute_bn_stats on two ranks, then train_rank's average: each rank forwards its shard of
+    each batch (counted by a hook), and the averaged statistics are one process's recount at the
+    per-rank batch, not at the global one (BatchNorm's batch statistics depend on the batch)."""
+    import torch
+    import torch.distributed as dist
+    _join(rank, world, workdir)
+    hp = hw2.PRESETS["smoke"]
+    torch.manual_seed(0)
+    model = hw2.Net(hp["widths"], hp["residual"]).to(memory_format=torch.channels_last)
+    images = torch.from_numpy(hw2.synthetic_cifar(96, seed=5)[0])
+    batch, seen = 32, []  # 3 global batches of 16 + 16 images
+    refs = {}
+    for b in (batch // world, batch):  # one process's recounts at the per-rank and the global batch
+        ref = hw2.Net(hp["widths"], hp["residual"]).to(memory_format=torch.channels_last)
+        ref.load_state_dict(model.state_dict())
+        hw2.recompute_bn_stats(ref, images, "cpu", "fp32", b, hp, seed=1, n_images=96)
+        refs[b] = ref
+    hw2.DIST = dp = hw2.DataParallel(rank, world)
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    hw2.recompute_bn_stats(model, images, "cpu", "fp32", batch, hp, seed=1, n_images=96)
+    dp.average_buffers(model)
+    hw2.DIST = hw2.SingleProcess()
+
+    def gap(ref):
+        return max(float((v - ref.state_dict()[k]).abs().max() / ref.state_dict()[k].abs().max())
+                   for k, v in model.state_dict().items() if "running" in k)
+    with open(os.path.join(workdir, f"recount.{rank}"), "w") as f:
+        f.write(f"{seen} {gap(refs[batch // world]):.3g} {gap(refs[batch]):.3g}")
+    dist.destroy_process_group()
+
+
+if mode in ("grads", "end_epoch", "recount"):
     from torch.multiprocessing import start_processes
     os.makedirs(out)
-    start_processes(check_grads if mode == "grads" else check_end_epoch, args=(2, out), nprocs=2,
-                    start_method="fork")
+    check = dict(grads=check_grads, end_epoch=check_end_epoch, recount=check_recount)[mode]
+    start_processes(check, args=(2, out), nprocs=2, start_method="fork")
     for r in range(2):
         with open(os.path.join(out, f"{mode}.{r}")) as f:
             print(f"rank {r}: {f.read()}")
