@@ -2639,12 +2639,13 @@ def count_run_flops(hp, epochs, images_per_epoch, batch_size=None):
 
 
 # Native bf16 is not always fast bf16. A training step of `quick`'s bf16 net, batch 256, 2 cores
-# (BENCHMARKS.md): 0.11 s in bf16 vs 0.18 s in fp32 on a Zen 5 (the bf16 recipe's command: 308 s),
+# (BENCHMARKS.md): 0.11 s in bf16 vs 0.18 s in fp32 on a Zen 5 (the command, 12 epochs then: 308 s),
 # but 0.49 s vs 0.31 s on an Intel Xeon (Emerald Rapids) whose VM hides AMX (1018 s): there
 # oneDNN's native AVX512-BF16 convolutions took 358 ms per step against fp32's 262 ms. No CPU
 # flag tells the two apart, so `auto` measures before it keeps bf16. The threshold guards
-# against bf16 kernels no faster than fp32's; it does not predict the run's length on a CPU slow
-# in both precisions (no such CPU with native bf16 has been seen).
+# against bf16 kernels no faster than fp32's; it does not predict the run's length: the same
+# Xeon with AMX visible steps as fast as the Zen 5 but ran 12 epochs in 431 s, so the recipe is
+# sized to fit there (8 epochs, tests/test_cpu_precision.py).
 BF16_MIN_SPEEDUP = 1.25  # measured: Zen 5 1.64 (step); that Xeon 0.63-0.91 (step), 0.58-0.92 here
 
 
