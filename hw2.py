@@ -2213,6 +2213,9 @@ def cuda_arch_supported(capability, arch_list):
     return False
 
 
+NO_GPU_NOTE = "no GPU found: running on the CPU"
+
+
 def select_hardware(device, capability, arch_list, precision="auto", compile_model=False, preset=None,
                     cpu_bf16=False):
     """Pure: (requested device, CUDA capability or None, compiled archs, flags, whether the CPU
@@ -2226,7 +2229,7 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
             if device == "cuda":
                 raise HW2Error("--device cuda: no CUDA GPU is visible (on Kaggle: Settings -> "
                                "Accelerator -> GPU T4)")
-            note = "no GPU found: running on the CPU"
+            note = NO_GPU_NOTE
         elif not cuda_arch_supported(capability, arch_list):
             cap = f"sm_{capability[0]}{capability[1]}"
             advice = (f"this torch build has kernels for {', '.join(arch_list) or 'no GPU'} but the "
@@ -2243,10 +2246,6 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
     if precision == "fp16" and not use_cuda:
         raise HW2Error("--precision fp16: needs a CUDA GPU; on the CPU use bf16 (CPUs with AVX512-BF16 "
                        "or AMX) or fp32, or leave it at auto")
-    if precision == "bf16" and not use_cuda and cpu_bf16 is None:
-        note = "; ".join(filter(None, [note, f"--precision bf16: torch {torch.__version__} cannot tell "
-                                       "whether this CPU computes bf16 natively; where it does not, "
-                                       "bf16 runs slower than fp32"]))
     if precision == "bf16" and not use_cuda and cpu_bf16 is False:
         # oneDNN would emulate bf16 in fp32 units, slower than fp32 (BENCHMARKS.md), and the
         # quick preset's bf16 recipe is sized for native bf16, so the run would overshoot 6 minutes
@@ -2259,6 +2258,10 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
         raise HW2Error("--compile: needs a CUDA GPU of sm_70+ (Triton); drop the flag")
     if preset is None or (note and preset in ("full", "fast")):
         preset = "full" if use_cuda else "quick"  # the CPU can't run the GPU recipe in useful time
+    if precision == "bf16" and not use_cuda and cpu_bf16 is None:  # after the line above: not a fallback
+        note = "; ".join(filter(None, [note, f"--precision bf16: torch {torch.__version__} cannot tell "
+                                       "whether this CPU computes bf16 natively (where it does not, "
+                                       "bf16 runs slower than fp32)"]))
     return dict(device=dev, precision=precision, compile=compile_model, preset=preset, note=note)
 
 
@@ -2360,8 +2363,12 @@ def choose_hardware(cfg):
     # bf16 on the CPU is kept only if it measures faster: settle_cpu_precision, after the model
     plan["auto_precision"] = cfg.precision == "auto"
     if facts.get("note"):  # the probe's own account: a probe that failed is not "no GPU found"
-        plan["note"] = facts["note"] if facts["capability"] is None else "; ".join(
-            n for n in (plan["note"], facts["note"]) if n)
+        notes = [n for n in plan["note"].split("; ") if n]
+        if facts["capability"] is None:  # it replaces "no GPU found", and keeps a precision note
+            notes = [facts["note"], *(n for n in notes if n != NO_GPU_NOTE)]
+        else:
+            notes.append(facts["note"])
+        plan["note"] = "; ".join(notes)
     if plan["device"] == "cuda":
         err = facts["error"]
         if err:
@@ -2752,7 +2759,7 @@ if RUN and not CFG.answers_only:
 #   checkpoints describe every rank. After the last epoch they are recomputed from ~10,000
 #   training images (augmented from the same seed for `full`: `recompute_bn_stats`): each rank
 #   takes its shard of each batch, as in training, and the average across ranks that follows is
-#   the one-process recount at the per-rank batch, at 1/N of the work per card.
+#   the one-process recount at the per-rank batch, with 1/N of the forward passes per card.
 # * **Outputs.** Only rank 0 prints and writes `checkpoint.pt` and `model.pt`; prediction and the
 #   other outputs happen once, after training. `--resume` needs the same number of processes
 #   (the checkpoint records it) and says so otherwise; `metrics.json` records `world_size`.
