@@ -129,12 +129,17 @@ def test_choose_hardware_reports_world_size(monkeypatch):
 
 # ------------------------------------------------------------------ semantics
 
-def test_shards_are_disjoint_and_gradients_sum_like_one_process(tmp_path):
-    res = helper("grads", tmp_path / "g")
+def rank_lines(mode, out, line=r"(.*)"):
+    """The helper's check `mode` on two forked ranks: each rank's line, as `line`'s groups."""
+    res = helper(mode, out)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = re.findall(r"^rank (\d): (\d+) (True|False) (\S+)$", res.stdout, re.M)
-    assert len(rows) == 2, res.stdout
-    for _, n, covers, err in rows:
+    rows = re.findall(rf"^rank (\d): {line}$", res.stdout, re.M)
+    assert [r[0] for r in rows] == ["0", "1"], res.stdout
+    return rows
+
+
+def test_shards_are_disjoint_and_gradients_sum_like_one_process(tmp_path):
+    for _, n, covers, err in rank_lines("grads", tmp_path / "g", r"(\d+) (True|False) (\S+)"):
         assert int(n) == 16 and covers == "True"  # 16 + 16 images: exactly the global batch
         assert float(err) < 1e-4                    # summed gradients = the whole batch's
 
@@ -142,20 +147,15 @@ def test_shards_are_disjoint_and_gradients_sum_like_one_process(tmp_path):
 def test_epoch_end_sums_the_counts_and_averages_the_batchnorm_statistics(tmp_path):
     # rank r: loss r+1, correct 10(r+1), running_mean r+1, its lookahead copy of running_var
     # 10(r+1), num_batches_tracked 7+r
-    res = helper("end_epoch", tmp_path / "e")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = re.findall(r"^rank (\d): (.*)$", res.stdout, re.M)
-    assert rows == [("0", "3 30 [1.5, 1.5] [15.0, 15.0] 7"), ("1", "3 30 [1.5, 1.5] [15.0, 15.0] 8")], res.stdout
+    rows = rank_lines("end_epoch", tmp_path / "e")
+    assert rows == [("0", "3 30 [1.5, 1.5] [15.0, 15.0] 7"), ("1", "3 30 [1.5, 1.5] [15.0, 15.0] 8")]
 
 
 def test_final_batchnorm_recount_is_sharded_and_averaged_to_one_processs_at_the_rank_batch(tmp_path):
     # 96 images in global batches of 32 (augmented, smoke's hp): each rank forwards 3 x 16 images,
     # and the averaged statistics match one process recounting at batch 16, not at batch 32
-    res = helper("recount", tmp_path / "r")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = re.findall(r"^rank (\d): \[(.*)\] (\S+) (\S+)$", res.stdout, re.M)
-    assert len(rows) == 2, res.stdout
-    for _, seen, gap_rank_batch, gap_global_batch in rows:
+    for _, seen, gap_rank_batch, gap_global_batch in rank_lines("recount", tmp_path / "r",
+                                                                r"\[(.*)\] (\S+) (\S+)"):
         assert seen == "16, 16, 16"
         assert float(gap_rank_batch) < 1e-5
         assert float(gap_global_batch) > 1e-3  # the two references differ: the test can tell
