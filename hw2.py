@@ -2251,17 +2251,18 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
         # quick preset's bf16 recipe is sized for native bf16, so the run would overshoot 6 minutes
         raise HW2Error("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where "
                        "torch emulates it more slowly than fp32: use --precision fp32 or auto")
+    if precision == "bf16" and not use_cuda and cpu_bf16 is None:
+        note = "; ".join(filter(None, [note, f"--precision bf16: torch {torch.__version__} cannot tell "
+                                       "whether this CPU computes bf16 natively (where it does not, "
+                                       "bf16 runs slower than fp32)"]))
     if precision == "bf16" and use_cuda and capability < (8, 0):
         raise HW2Error(f"--precision bf16: needs sm_80+ (Ampere or newer), this GPU is "
                        f"sm_{capability[0]}{capability[1]}: use fp16")
     if compile_model and not (use_cuda and capability >= (7, 0)):
         raise HW2Error("--compile: needs a CUDA GPU of sm_70+ (Triton); drop the flag")
-    if preset is None or (note and preset in ("full", "fast")):
+    fell_back = device != "cpu" and not use_cuda  # no usable GPU where one was asked for or hoped
+    if preset is None or (fell_back and preset in ("full", "fast")):
         preset = "full" if use_cuda else "quick"  # the CPU can't run the GPU recipe in useful time
-    if precision == "bf16" and not use_cuda and cpu_bf16 is None:  # after the line above: not a fallback
-        note = "; ".join(filter(None, [note, f"--precision bf16: torch {torch.__version__} cannot tell "
-                                       "whether this CPU computes bf16 natively (where it does not, "
-                                       "bf16 runs slower than fp32)"]))
     return dict(device=dev, precision=precision, compile=compile_model, preset=preset, note=note)
 
 
@@ -2363,12 +2364,8 @@ def choose_hardware(cfg):
     # bf16 on the CPU is kept only if it measures faster: settle_cpu_precision, after the model
     plan["auto_precision"] = cfg.precision == "auto"
     if facts.get("note"):  # the probe's own account: a probe that failed is not "no GPU found"
-        notes = [n for n in plan["note"].split("; ") if n]
-        if facts["capability"] is None:  # it replaces "no GPU found", and keeps a precision note
-            notes = [facts["note"], *(n for n in notes if n != NO_GPU_NOTE)]
-        else:
-            notes.append(facts["note"])
-        plan["note"] = "; ".join(notes)
+        plan["note"] = (plan["note"].replace(NO_GPU_NOTE, facts["note"], 1) if facts["capability"] is None
+                        else "; ".join(n for n in (plan["note"], facts["note"]) if n))
     if plan["device"] == "cuda":
         err = facts["error"]
         if err:
@@ -3430,7 +3427,7 @@ def recompute_bn_stats(model, images_u8, device, precision, batch_size, hp=None,
     there are that many). On several processes each rank takes its shard of every batch, as in
     training, and the average across ranks that follows (`train_rank`) is then the recount of
     one process at the per-rank batch: so on every rank the shapes are the trained ones, and each
-    rank does 1/world of the work. Where the preset
+    rank runs 1/world of the forward passes. Where the preset
     `hp` says `bn_augmented`, the images are augmented as training augments them (flips,
     translations, cutout; a generator of its own, seeded from `seed`, so the result depends on
     the weights and the seed alone, resumed or not): the statistics are then those of the

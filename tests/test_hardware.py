@@ -224,12 +224,10 @@ def test_a_failed_probe_is_not_reported_as_no_gpu(monkeypatch):
                                                                error=None, note=failed))
     assert hw2.choose_hardware(_cfg(preset="full"))["note"] == failed
     # ... and a precision note beside it is kept (a torch that cannot tell native bf16)
-    monkeypatch.setattr(hw2, "cpu_native_bf16", lambda: None)
-    note = hw2.choose_hardware(_cfg(precision="bf16"))["note"]
+    with monkeypatch.context() as m:
+        m.setattr(hw2, "cpu_native_bf16", lambda: None)
+        note = hw2.choose_hardware(_cfg(precision="bf16"))["note"]
     assert note.startswith(f"{failed}; --precision bf16: torch ") and "cannot tell" in note
-    monkeypatch.undo()
-    monkeypatch.setattr(hw2, "probe_cuda_facts", lambda: dict(capability=None, arch=[], count=0, name=None,
-                                                               error=None, note=failed))
     with pytest.raises(hw2.HW2Error, match=r"^--device cuda: the CUDA probe process failed \(it hung or crashed"):
         hw2.choose_hardware(_cfg(device="cuda"))
     # probed in this process, and the card unusable for this build: both are said
