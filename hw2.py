@@ -113,6 +113,13 @@ def _script_excepthook(kind, err, tb):
 PREWARM_THREAD = "hw2-prewarm"  # the name of --prewarm's thread (class Prewarm, below)
 
 
+def join_polling(thread):
+    """thread.join(), in steps of 0.1 s: a Ctrl-C that Linux hands to `thread` still interrupts the
+    wait (the handler runs in the main thread, between steps)."""
+    while thread.is_alive():
+        thread.join(0.1)
+
+
 def _wait_for_threads():
     """Join `--prewarm`'s thread (not a daemon, so as not to tear CUDA down under it) here, where
     a second Ctrl-C during the wait ends the process at once and in silence; in Python's own wait
@@ -122,7 +129,7 @@ def _wait_for_threads():
     try:
         for thread in threading.enumerate():
             if thread.name == PREWARM_THREAD:
-                thread.join()
+                join_polling(thread)
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -2449,7 +2456,7 @@ def join_prewarm(thread, stats):
     if thread is None:
         return
     t = time.time()
-    thread.join()
+    join_polling(thread)
     waited = round(time.time() - t, 3)
     stats.setdefault("seconds", {})["prewarm_wait"] = waited
     stats["prewarm"] = dict(seconds=thread.seconds, waited=waited, error=thread.error)
@@ -2902,7 +2909,12 @@ def _rank_main(rank, world, workdir, data, hp, hw, cfg):
                       traceback=None if isinstance(e, HW2Error) else traceback.format_exc())
         with open(os.path.join(workdir, f"error.{rank}.json"), "w") as f:
             json.dump(report, f)
-        raise
+        # End here, skipping the interpreter's teardown: on torch 2.3.1 a failed gloo rank hung 1
+        # time in 7 in it (DDP's Reducer, freed with the GIL held, joined gloo's worker thread,
+        # which was waiting for the GIL), so the parent never saw it fail and every rank waited.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def launch_ranks(world, data, hp, hw, cfg, grace_s=3.0):

@@ -214,6 +214,35 @@ def test_ctrl_c_waits_for_the_prewarm_thread_and_a_second_one_ends_it_without_a_
             assert seconds < 15 and not marker.exists()  # not after the thread's 30 s
 
 
+_PREWARM_TAKES_THE_SECOND_CTRL_C = """
+import signal, sys, threading, time
+import hw2
+sys.excepthook = hw2._script_excepthook
+def slow_start():  # the kernel may hand a process's SIGINT to any thread: here, to this one
+    time.sleep(3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    time.sleep(30)
+    open({marker!r}, "w").close()
+hw2.prewarm_cuda = slow_start
+hw2.Prewarm().start()
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_ctrl_c_delivered_to_the_prewarm_thread_still_ends_the_wait(tmp_path):
+    """Linux delivers a Ctrl-C to any thread of the process that does not block it. When the
+    second one lands on --prewarm's thread, the main thread, blocked in a join without a timeout,
+    never saw it and waited the thread's 30 s (CI, 2026-12-01). The wait polls, so the handler
+    runs in the main thread within a fraction of a second wherever the signal landed."""
+    marker = tmp_path / "prewarm_finished"
+    code = _PREWARM_TAKES_THE_SECOND_CTRL_C.format(marker=str(marker))
+    rc, err, seconds = _run_child(tmp_path, "ctrl_c_on_thread", code, _ctrl_c(1))
+    assert err.splitlines() == [ONE_LINE], err[-3000:]
+    assert rc == -signal.SIGINT
+    assert seconds < 15 and not marker.exists()  # ~3 s, not after the thread's 33 s
+
+
 def test_an_error_exit_does_not_wait_for_other_threads(tmp_path):
     """The hook waits for --prewarm's thread alone. Idle pool workers (Inductor's compile pool
     under --compile; ThreadPoolExecutor's workers are not daemons) end only in Python's shutdown,
