@@ -2909,8 +2909,8 @@ def _rank_main(rank, world, workdir, data, hp, hw, cfg):
                       traceback=None if isinstance(e, HW2Error) else traceback.format_exc())
         with open(os.path.join(workdir, f"error.{rank}.json"), "w") as f:
             json.dump(report, f)
-        # End here, skipping the interpreter's teardown: on torch 2.3.1 a failed gloo rank hung 1
-        # time in 7 in it (DDP's Reducer, freed with the GIL held, joined gloo's worker thread,
+        # End here, skipping the interpreter's teardown: on torch 2.3.1 a failed gloo rank hung in
+        # it in 2 runs of 11 (DDP's Reducer, freed with the GIL held, joined gloo's worker thread,
         # which was waiting for the GIL), so the parent never saw it fail and every rank waited.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -280,7 +280,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path, mode):
 
 def _rank_whose_teardown_hangs(rank, world, *args, **kw):
     if rank == 1:
-        # what torch 2.3.1's gloo did 1 time in 7 (CI, 2026-12-01): in the failed rank's exit,
+        # what torch 2.3.1's gloo did in 2 runs of 11 (and once in CI, 2026-12-01): in the failed rank's exit,
         # the DDP Reducer's destructor joined gloo's worker thread while holding the GIL the
         # worker waited for; a thread that never ends stands in for that wait here
         threading.Thread(target=time.sleep, args=(3600,)).start()
