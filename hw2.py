@@ -97,17 +97,40 @@ class HW2Error(Exception):
     """A user mistake (bad path, bad file, unusable hardware): the message says what to do."""
 
 
+def _one_line(err):
+    """The message on one line whatever it holds (a path or a library's text with a line break)."""
+    return str(err).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _script_excepthook(kind, err, tb):
     # A user mistake ends in one readable line and a non-zero exit, never a traceback.
     _cleanup_partial_outputs()
     if issubclass(kind, HW2Error):
-        print(f"hw2: error: {err}", file=sys.stderr)
+        print(f"hw2: error: {_one_line(err)}", file=sys.stderr)
     elif issubclass(kind, KeyboardInterrupt):
         print("hw2: interrupted; a checkpoint (if any) is in the output dir: rerun with --resume",
               file=sys.stderr)
+    elif issubclass(kind, BrokenPipeError) and _stdout_closed():
+        print("hw2: error: the output was piped to a program that closed it (e.g. `| head`), so the "
+              "run stopped; a checkpoint (if any) is in the output dir: rerun with --resume", file=sys.stderr)
     else:
         sys.__excepthook__(kind, err, tb)
     _wait_for_threads()
+
+
+def _stdout_closed():
+    """Is stdout a pipe whose reader has gone? Then stdout is pointed at /dev/null, so that
+    Python's own flush at exit does not raise again ("Exception ignored ... BrokenPipeError")."""
+    import select
+    try:
+        poller = select.poll()  # a pipe with no reader left polls as an error
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
 
 
 PREWARM_THREAD = "hw2-prewarm"  # the name of --prewarm's thread (class Prewarm, below)
@@ -141,7 +164,7 @@ def _notebook_exc_handler(shell, kind, err, tb, tb_offset=None):
     # The notebook twin of the hook above: one line instead of IPython's traceback, same cleanup.
     # IPython leaves the display to the handler; an error output stops "Run all" at this cell.
     _cleanup_partial_outputs()
-    line = f"hw2: error: {err}"
+    line = f"hw2: error: {_one_line(err)}"
     try:
         shell._showtraceback(kind, err, [line])
     except Exception:  # a shell without it: plain text is still one line
@@ -358,8 +381,14 @@ MAX_SEED = 2**32 - 1  # 32-bit seeds, the range numpy and most tools document; m
 MAX_WIDTH = 4096      # channels per group: 8x full's widest, far past what fits a GPU's time budget
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # a misspelt flag or value ends in one line, like every other user mistake, not usage + exit 2
+        raise HW2Error(f"{message} (python hw2.py --help lists the flags)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hw2.py", description="CS 291K HW2: Problems 1-3 answers and a CIFAR-10 classifier.",
         epilog="Every flag can also be set as an environment variable HW2_<FLAG>, e.g. HW2_PRESET=quick.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=_env_choice("preset", sorted(PRESETS)),
@@ -553,8 +582,20 @@ def _os_error_in(err):
     return None
 
 
+def _json_safe(obj):
+    """obj with every inf/NaN float as None (null): json.dumps would write NaN, which is not JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text + "\n"))
 
 
 def _batches_folder(path):
@@ -598,7 +639,9 @@ def load_checkpoint(path):
     the file."""
     name = os.path.basename(path)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+        with warnings.catch_warnings():  # torch's multi-line warning on a legacy file: the error says it
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except Exception as e:
         raise HW2Error(f"{path}: not a usable {name} ({type(e).__name__})") from None
     if not isinstance(saved, dict):
@@ -627,15 +670,23 @@ HISTORY_FIELDS = dict(epoch=(int,), train_loss=(int, float), train_acc=(int, flo
                       val_acc=(int, float, type(None)), lr=(int, float), seconds=(int, float))
 
 
+def _history_row_ok(r):
+    """One epoch's record as hw2 writes it: its types, and ranges the plots and JSON can take
+    (train_loss may be inf or NaN: an fp16 step that overflowed is skipped, not a failure)."""
+    return (isinstance(r, dict) and all(isinstance(r.get(k), kinds) for k, kinds in HISTORY_FIELDS.items())
+            and r["epoch"] >= 1 and 0 <= r["train_acc"] <= 1 and (r["val_acc"] is None or 0 <= r["val_acc"] <= 1)
+            and math.isfinite(r["lr"]) and 0 <= r["seconds"] < math.inf)
+
+
 def _saved_fields_ok(saved):
     """The plain fields of a checkpoint.pt / model.pt have the types and ranges hw2 writes."""
     widths, residual = saved.get("widths", (1, 1, 1)), saved.get("residual", (True,) * 3)
     counts = [saved.get(k, 1) for k in ("epoch", "step", "batch_size")]
     return (isinstance(saved.get("history", []), list)
-            and all(isinstance(r, dict) and all(isinstance(r.get(k), kinds) for k, kinds in HISTORY_FIELDS.items())
-                    for r in saved.get("history", []))
+            and all(_history_row_ok(r) for r in saved.get("history", []))
             and isinstance(saved.get("identity", {}), dict)
             and all(type(c) is int for c in counts) and min(counts[:2]) >= 0 and counts[2] >= 1
+            and max(counts[:2]) <= 2**40 and counts[2] <= 2**24  # past any run: a hand-edited file
             and isinstance(widths, (list, tuple)) and len(widths) == 3
             and all(type(w) is int and 1 <= w <= MAX_WIDTH for w in widths)
             and isinstance(residual, (list, tuple)) and len(residual) == 3
@@ -1034,9 +1085,9 @@ if RUN and not CFG.skip_answers:
 #
 # ### Problem 3.1 — purpose of the positional embedding
 #
-# **Self-attention is permutation-equivariant (it treats its input as a set), so without a
-# positional embedding the model cannot see word order; adding a position vector to each token
-# embedding tells attention where every token is.**
+# **Self-attention without a mask is permutation-equivariant (it treats its input as a set),
+# so without a positional embedding the model cannot see word order; adding a position vector
+# to each token embedding tells attention where every token is.**
 #
 # Shuffling the input tokens would only shuffle the outputs, so "dog bites man" and "man bites
 # dog" would look the same. With the position added (a learned vector per position, or the
@@ -1169,7 +1220,8 @@ if RUN and not CFG.skip_answers:
 #   keeping its input and per-token mean and 1/std: $2(N_sd + 2N_s)$;
 # * per **decoder** layer: self-attention as above on the target, $5N_td + BhL_t^2$;
 #   cross-attention: inputs of the Q, output and KV linears $2N_td + N_sd$ (the KV input
-#   is the encoder memory), Q $N_td$, K, V $2N_sd$, probabilities $BhL_tL_s$; FFN
+#   is the encoder memory, of which each layer keeps its own copy: `batch_first` transposes it,
+#   and for $B>1$ that is a copy), Q $N_td$, K, V $2N_sd$, probabilities $BhL_tL_s$; FFN
 #   $N_td + N_td_{ff}$; three LayerNorms $3(N_td + 2N_t)$;
 # * the final LayerNorms $(N_sd + 2N_s) + (N_td + 2N_t)$, the output projection's input $N_td$,
 #   and the cross-entropy's log-softmax output $N_tV$ (the logits themselves are not kept);
@@ -1943,7 +1995,9 @@ class _CifarUnpickler(pickle.Unpickler):
     # Exactly the globals a CIFAR-10 batch (Python 2 or 3, numpy 1 or 2) refers to.
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               # numpy scalars (labels saved as a list of np.int64): a dtype and its bytes
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -1957,7 +2011,7 @@ def read_cifar_batch(path):
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="latin1").load()
     except pickle.UnpicklingError as e:
-        raise HW2Error(f"{path}: not a CIFAR-10 batch ({e})") from None
+        raise HW2Error(f"{path}: not a CIFAR-10 batch ({' '.join(str(e).split())})") from None
     except OSError as e:
         raise HW2Error(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # truncated / garbage bytes surface as many exception types
@@ -2180,6 +2234,10 @@ def load_data(cfg, preset):
     val_size = cfg.val_size
     if val_size is None:
         val_size = 128 if smoke else (0 if (test_path and test_y is None) else 5000)
+        if val_size >= len(x):  # the user set no --val-size: say what is small, and what to pass
+            raise HW2Error(f"{folder or source}: only {len(x)} training images, not more than the "
+                           f"{val_size} this preset holds out for validation by default: pass a "
+                           "smaller --val-size")
     tx, ty, vx, vy = split_train_val(x, y, val_size)
     return dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=test_x, test_y=test_y,
                 test_path=test_path, sample=sample, source=source, folder=folder)
@@ -2887,6 +2945,7 @@ def train_rank(rank, world, data, hp, hw, cfg, store_dir=None, stats=None):
                            "processes: run with --gpus 1, which retries at half the batch") from None
         DIST.average_buffers(model)  # each rank recounted BN's statistics on its own shard
         if rank == 0:
+            retire_previous_metrics(cfg.output_dir)
             save_torch(os.path.join(cfg.output_dir, "model.pt"),
                        model_record(model, cfg, hp, history, batch_size, data, world_size=world, train_stats=stats,
                                     precision=hw["precision"]))
@@ -2956,6 +3015,9 @@ def launch_ranks(world, data, hp, hw, cfg, grace_s=3.0):
 def train_distributed(data, hp, hw, cfg, stats=None):
     """train_with_oom_retry's data-parallel twin: (model, history, batch_size); model.pt is written."""
     world = hw["world_size"]
+    batch = min(hp["batch_size"], len(data["train_x"]))  # train() trains whole batches of this size
+    if batch < world:  # each rank's shard would be empty: nothing would train, yet all "succeed"
+        raise HW2Error(f"--gpus {world}: more processes than the {batch} images of a training batch")
     if TORCHRUN_RANK is not None:  # torchrun made this process rank 0: train right here
         model, history = train_rank(0, world, data, hp, hw, cfg, stats=stats)
         return model, history, hp["batch_size"]
@@ -3386,6 +3448,14 @@ def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
+def retire_previous_metrics(output_dir):
+    """Remove a previous run's metrics.json before this run replaces model.pt or submission.csv:
+    should this run then fail (a full disk at the figures), no metrics.json is left vouching
+    (`submission_sha256`) for files it does not describe. This run writes its own at the end."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(output_dir, "metrics.json"))
+
+
 CHECKPOINT_EVERY_S = 60.0  # default --checkpoint-every: one save (0.07-0.21 s for full's 153 MB, measured) a minute
 FP16_MAX = 65504.0
 # Largest weight gradient (computed in fp16 under autocast) at batch 1024, rounded up from the
@@ -3513,8 +3583,9 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
         ck = load_checkpoint(existing_output(cfg, "checkpoint.pt", "--resume", "nothing to resume"))
         check_resume_world_size(ck.get("identity"), DIST.world, ckpt_path)
         if ck.get("identity") != identity:
-            raise HW2Error(f"--resume: {ckpt_path} is from another run ({ck.get('identity')}), "
-                           f"this run is {identity}")
+            change = identity_change(ck.get("identity"), identity)
+            raise HW2Error(f"--resume: {ckpt_path} is from another run ({change}): rerun with its "
+                           "settings, or without --resume to start afresh")
         load_weights(model, ck["model"], ckpt_path)
         if "opt" in ck:  # absent after the last epoch: nothing is left to train
             try:  # the run's identity matched, so only a damaged file gets here with the wrong state
@@ -3607,6 +3678,15 @@ def train(data, hp, hw, cfg, epochs, batch_size, log=print, stats=None):
     return model, history
 
 
+def identity_change(saved, identity):
+    """What differs between a checkpoint's run and this one, field by field."""
+    if not isinstance(saved, dict):
+        return "it records no run identity"
+    keys = list(identity) + [k for k in saved if k not in identity]
+    return "; ".join(f"{k} {saved.get(k, '-')} there, {identity.get(k, '-')} here"
+                     for k in keys if saved.get(k) != identity.get(k))
+
+
 def check_resume_world_size(identity, world, path):
     saved = (identity or {}).get("world_size", 1)
     if saved != world:
@@ -3677,6 +3757,7 @@ if RUN and not CFG.answers_only:
         MODEL, HISTORY, BATCH_SIZE = train_distributed(DATA, HP, HW, CFG, TRAIN_STATS)
     else:
         MODEL, HISTORY, BATCH_SIZE = train_with_oom_retry(DATA, HP, HW, CFG, TRAIN_STATS)
+        retire_previous_metrics(CFG.output_dir)
         save_torch(os.path.join(CFG.output_dir, "model.pt"),
                    model_record(MODEL, CFG, HP, HISTORY, BATCH_SIZE, DATA, precision=HW["precision"]))
     T_TRAIN = time.time() - T0
@@ -3826,6 +3907,7 @@ if RUN and not CFG.answers_only:
             TEST_ACC = float((TEST_PRED == DATA["test_y"]).mean())
         SUB = make_submission(TEST_PRED, DATA["sample"])
         OUTPUTS["submission"] = os.path.join(CFG.output_dir, "submission.csv")
+        retire_previous_metrics(CFG.output_dir)  # --predict-only: the first file it replaces
         write_submission(OUTPUTS["submission"], SUB)
     else:
         print("no test images (no --test-npy, no Kaggle test.npy, no test_batch): no submission written")

@@ -550,6 +550,21 @@ def test_p1_markdown_cites_the_computed_intermediates(p1):
     assert r"\Big(\frac{\partial J}{\partial z_1}\Big)^{\!\top} x^\top" in sec
 
 
+def test_p1_markdown_boxed_scalars_are_the_computed_ones(p1):
+    # the boxed numbers of 1.1-1.3 are problem1()'s values, rounded as written
+    md = _markdown()
+    cases = {"### Problem 1.1": [f"{float(p1['z2']):.3f}", f"{float(p1['p_hat']):.4f}"],
+             "### Problem 1.2": [f"{float(p1['dJ_dp_hat']):.3f}"],
+             "### Problem 1.3": [f"{float(p1['dp_hat_dz2']):.4f}"]}
+    for start, numbers in cases.items():
+        boxed = re.search(r"\\boxed\{(.*?)\}\$\$", _section(md, start, "### Problem 1.4"), flags=re.S)
+        assert boxed, start
+        for number in numbers:
+            assert f"\\approx {number}" in boxed.group(1) or f"({number})" in boxed.group(1), (start, number)
+    loss = -math.log(1 - float(p1["p_hat"]))  # y = 0
+    assert f"\\approx {loss:.3f}" in _section(md, "### Problem 1.1", "### Problem 1.2")
+
+
 def test_p3_markdown_component_table_matches_the_formula(p3):
     sec = _section(_markdown(), "### Problem 3.3", "### Problem 3.4")
     counts = dict(re.findall(r"^\| ([A-Za-z][a-zA-Z -]+?) \| .* \| \**([\d,]+)\** \|$", sec, flags=re.M))

@@ -237,6 +237,9 @@ CASES = [
         lambda d: open(os.path.join(d, "data_batch_3"), "wb").write(
             np.random.default_rng(7).integers(0, 256, 5000, dtype=np.uint8).tobytes()),
         r"not a CIFAR-10 batch|corrupted", "data_batch_3")),
+    Case("batch_legacy_torch_save", data_dir_case(  # pickle's own message spans two lines
+        lambda d: open(os.path.join(d, "data_batch_2"), "wb").write(b"\x80\x02X\x01\x00\x00\x00xQ."),
+        r"not a CIFAR-10 batch \(A load persistent id instruction was encountered, but no", "data_batch_2")),
     Case("batch_holds_list", data_dir_case(
         lambda d: write_batch(os.path.join(d, "data_batch_2"), [1, 2, 3]),
         r"holds a list, not a dict", "data_batch_2")),
@@ -356,6 +359,21 @@ def test_real_cifar_protocol_2_batch_is_accepted(tmp_path):
     assert y.tolist() == [0, 1, 2, 3, 4, 5, 9] and y.dtype == np.int64
 
 
+def test_labels_saved_as_numpy_integers_are_accepted(tmp_path):
+    # a batch written from numpy (a list of np.int64): a numpy scalar is a dtype and its bytes
+    p = str(tmp_path / "data_batch_1")
+    write_batch(p, batch(n=3, labels=[np.int64(k) for k in (7, 0, 9)]))
+    assert hw2.read_cifar_batch(p)[1].tolist() == [7, 0, 9]
+
+
+def test_a_path_with_a_line_break_is_still_one_line(tmp_path):
+    missing = str(tmp_path / "no\nsuch")
+    res = smoke(tmp_path / "out", "--data-dir", missing, "--skip-answers")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    shown = missing.replace("\n", "\\n")  # the break shown as \n, as Python writes it
+    assert res.stderr.splitlines() == [f"hw2: error: --data-dir {shown}: no such directory"]
+
+
 def test_valid_batch_pickled_with_protocol_5_is_accepted(tmp_path):
     p = str(tmp_path / "data_batch_1")
     write_batch(p, batch(n=7), protocol=5)
@@ -455,15 +473,19 @@ def test_output_dir_not_writable(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    # root (as in CI) ignores the mode, but not the immutable attribute (ext4 and most others)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
     try:
-        if os.geteuid() == 0 or os.access(ro, os.W_OK):
-            pytest.skip("running as root: a 0o500 dir is still writable (the under-a-file case "
-                        "covers an unusable --output-dir)")
+        if os.access(ro, os.W_OK) and not immutable:
+            pytest.skip("running as root where chattr +i is unavailable: a 0o500 dir is still "
+                        "writable (the under-a-file case covers an unusable --output-dir)")
         res = smoke(ro)
         assert_clean_failure(res, ro, ro, "cannot be created or written", out_existed=True)
         assert os.listdir(ro) == []
         assert "train_loss" not in res.stdout
     finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
         ro.chmod(0o700)
 
 
@@ -485,10 +507,13 @@ def test_output_dir_not_writable(tmp_path):
     ([], {"HW2_SEED": "-2"}, r"--seed -2: expected a whole number from 0 to 4294967295"),
     (["--gpus", "\u00b2"], {}, r"--gpus \u00b2: expected auto or a whole number"),
     (["--output-dir", ""], {}, r"--output-dir '': empty; leave the flag out for the default"),
+    # argparse's own refusals: one line too (not usage + exit 2), with where to look
+    (["--epochs", "abc"], {}, r"^hw2: error: argument --epochs: invalid int value: 'abc' \(python hw2\.py --help"),
+    (["--checkpoint-evry", "5"], {}, r"^hw2: error: unrecognized arguments: --checkpoint-evry 5 \(python hw2\.py --help"),
 ], ids=["epochs_0", "val_size_-1", "resume_and_predict_only", "answers_only_and_skip_answers", "deterministic_and_autotune",
         "HW2_ANSWERS_ONLY_maybe", "HW2_EPOCHS_abc",
         "widths_two", "HW2_WIDTHS_zero", "widths_past_int64", "widths_superscript_digit", "widths_5000_digits", "gpus_5000_digits", "seed_past_int64",
-        "HW2_SEED_negative", "gpus_superscript_digit", "output_dir_empty"])
+        "HW2_SEED_negative", "gpus_superscript_digit", "output_dir_empty", "epochs_abc", "misspelt_flag"])
 def test_bad_flag_values(args, env, phrase, tmp_path):
     out = tmp_path / "out"
     res = smoke(out, *args, env=env)

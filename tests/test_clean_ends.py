@@ -59,7 +59,7 @@ def test_full_disk_is_one_error_naming_the_file(tmp_path):
     with pytest.raises(hw2.HW2Error) as err:
         hw2.atomic_write(str(path), _full_disk_after(100), mode="wb")
     assert str(err.value).startswith(f"{path}: cannot write (No space left on device)")
-    assert err.value.__context__ is None or not isinstance(err.value.__cause__, OSError)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # one line, no chain
     assert os.listdir(tmp_path) == ["metrics.json"] and path.read_text() == "previous run"
 
 
@@ -94,18 +94,45 @@ def test_torch_save_on_a_full_disk(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_json_outputs_are_strict_json_even_with_a_nan_loss(tmp_path):
+    # an fp16 epoch whose overflowing step was skipped may record an inf or NaN loss: metrics.json
+    # writes null there (json.dumps would write NaN, which strict JSON readers refuse)
+    path = tmp_path / "metrics.json"
+    hw2.write_json(str(path), dict(history=[dict(train_loss=float("nan"), lr=0.1)], seconds=(1.5, float("inf"))))
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON")) == \
+        dict(history=[dict(train_loss=None, lr=0.1)], seconds=[1.5, None])
+
+
 def test_output_dir_deleted_mid_run(tmp_path):
     gone = tmp_path / "gone"
     with pytest.raises(hw2.HW2Error, match=f"{gone / 'model.pt'}: cannot write \\(No such file or directory\\)"):
         hw2.atomic_write(str(gone / "model.pt"), lambda f: f.write("x"))
 
 
-def test_permission_lost(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+def test_output_piped_to_a_reader_that_closes_ends_in_one_line(tmp_path):
+    # `python hw2.py | head -1`: the next print raises BrokenPipeError; one line on stderr, no
+    # traceback, and no "Exception ignored" from Python's own flush at exit
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "hw2.py"), "--answers-only",
+                             "--output-dir", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout.readline().startswith("hw2 | python")
+    proc.stdout.close()  # as head does after its first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err.splitlines() == ["hw2: error: the output was piped to a program that closed it (e.g. "
+                                "`| head`), so the run stopped; a checkpoint (if any) is in the "
+                                "output dir: rerun with --resume"], err
+
+
+def test_permission_lost(tmp_path, monkeypatch):
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(0o500)
+    if os.geteuid() == 0:  # root (as in CI) ignores the mode: the kernel's refusal, by hand
+        def refused(dir=None, **kw):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        monkeypatch.setattr(hw2.tempfile, "mkstemp", refused)
     try:
         with pytest.raises(hw2.HW2Error, match="Permission denied"):
             hw2.atomic_write(str(d / "x.json"), lambda f: f.write("x"))
@@ -351,7 +378,7 @@ def test_notebook_counts_the_prewarm_wait_in_the_training_time(tmp_path, monkeyp
         nb.cells.insert(at, nbformat.v4.new_code_cell(
             "STARTS = []  # the main thread's order of calls\n"
             "prewarm_plan = lambda cfg, hw: (True, '')\n"
-            "def prewarm_cuda():\n    time.sleep(1.5)\n"
+            "def prewarm_cuda():\n    time.sleep(4.0)\n"
             "_start_prewarm, _load_data = start_prewarm, load_data\n"
             "def start_prewarm(*args):\n    STARTS.append('prewarm')\n    return _start_prewarm(*args)\n"
             "def load_data(*args):\n    STARTS.append('data')\n    return _load_data(*args)"))
@@ -365,8 +392,9 @@ def test_notebook_counts_the_prewarm_wait_in_the_training_time(tmp_path, monkeyp
     assert "STARTS ['prewarm', 'data']" in text
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     s, epochs = m["seconds"], sum(r["seconds"] for r in m["history"])
-    assert m["prewarm"]["error"] is None and m["prewarm"]["seconds"] >= 1.5
+    assert m["prewarm"]["error"] is None and m["prewarm"]["seconds"] >= 4.0
     # what the thread had left when training began: most of it, since the data load is short
-    assert 0.5 < s["train_prewarm_wait"] == m["prewarm"]["waited"] <= m["prewarm"]["seconds"]
+    # (~0.1 s; the bound leaves 3 s for it and the cells before training on a loaded machine)
+    assert 1.0 < s["train_prewarm_wait"] == m["prewarm"]["waited"] <= m["prewarm"]["seconds"]
     # inside the training time, beside its other parts
     assert s["train"] >= s["train_prewarm_wait"] + s["train_setup"] + epochs

@@ -3,6 +3,7 @@ submission format, and a smoke training run whose loss falls."""
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,23 @@ def test_val_size_must_leave_an_image_to_train_on():
     with pytest.raises(hw2.HW2Error, match="--val-size 50: must be below the 50"):
         hw2.split_train_val(x, y, 50)
     assert [len(part) for part in hw2.split_train_val(x, y, 49)] == [1, 1, 49, 49]
+
+
+def test_a_folder_smaller_than_the_default_hold_out_is_named_not_the_flag(tmp_path, no_hw2_env):
+    # 5 x 5 images and no --val-size: the folder is what is small (the user passed no flag), and
+    # the message says what to pass; with --val-size 5 the same folder loads
+    from conftest import write_cifar_batch
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", g, 5)
+    cfg = hw2.parse_config(["--preset", "smoke", "--data-dir", str(folder)])
+    with pytest.raises(hw2.HW2Error, match=re.escape(f"{folder}: only 25 training images, not more than the 128 ")
+                       + ".*pass a smaller --val-size$"):
+        hw2.load_data(cfg, hw2.PRESETS["smoke"])
+    cfg = hw2.parse_config(["--preset", "smoke", "--data-dir", str(folder), "--val-size", "5"])
+    assert len(hw2.load_data(cfg, hw2.PRESETS["smoke"])["val_x"]) == 5
 
 
 # ---------------------------------------------------------------- test.npy layouts
@@ -110,6 +128,12 @@ def test_normalize_is_float_and_centred():
     x = hw2.normalize(_batch())
     assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32)
     assert hw2.normalize(_batch(), torch.float16).dtype == torch.float16
+    # centred and scaled per channel by CIFAR-10's published pixel statistics (0-1 scale)
+    mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
+    u8 = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 32, 32)
+    want = (np.array([0, 128, 255])[:, None] / 255 - mean) / std  # [value, channel]
+    got = hw2.normalize(u8.contiguous()).mean(dim=(2, 3)).numpy()
+    assert np.allclose(got, want, atol=1e-5), (got, want)
 
 
 def _crop_offsets(out, x, pad, n):
@@ -433,7 +457,7 @@ def test_train_times_its_setup_apart_from_its_epochs(tmp_path, monkeypatch):
     optimizer) is timed apart from the epochs, and the CPU never creates a CUDA context."""
     import time
 
-    whiten, pause = hw2.init_whitening, 2.0  # far longer than a smoke epoch of 4 steps takes (~0.1 s)
+    whiten, pause = hw2.init_whitening, 3.0  # far longer than a smoke epoch of 4 steps takes (~0.1 s)
     monkeypatch.setattr(hw2, "init_whitening", lambda *a: (time.sleep(pause), whiten(*a)))
     monkeypatch.setattr(torch.cuda, "init", lambda: pytest.fail("CUDA initialised on the CPU"))
     x, y = hw2.synthetic_cifar(256, seed=0)

@@ -40,12 +40,16 @@ needs_cpu_inductor = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 def test_the_cpu_kernel_probes_pass_on_the_torch_ci_installs():
     # The fp16 tests skip where the CPU lacks a kernel (torch 2.3.1: fused SGD and fp16
-    # reflection padding; 2.5.1 still lacks the padding). On the torch CI installs (2.14.1) both
-    # are there: a probe that broke there would otherwise skip those tests without a word.
+    # reflection padding; 2.5.1 still lacks the padding), and the compiled ones where Inductor's
+    # C++ backend cannot stand in (no compiler, or torch < 2.13). On CI's main torch (2.14.1),
+    # with the g++ that .ci/run installs, all of them run: a probe that broke there, or a missing
+    # compiler, would otherwise skip those tests without a word.
     import conftest
     if torch.__version__ < (2, 14):
-        pytest.skip(f"torch {torch.__version__}: older than CI's")
+        pytest.skip(f"torch {torch.__version__}: CI's oldest-torch pass, where these skips are expected")
     assert conftest.CPU_FP16_MISSING == []
+    if conftest.IN_CI:
+        assert _why is None, _why
 
 
 # ---------------------------------------------------------------- OOM retry
@@ -669,7 +673,6 @@ def test_compiled_fp16_amax_of_gelu_gradient():
     assert torch.equal(fixed, eager)
     if torch.isfinite(unfixed).all():
         pytest.skip(f"torch {torch.__version__}: compiled amax-of-GELU is finite without the setting")
-    assert not torch.isfinite(unfixed).all()
 
 
 def _nan_grad(x):
@@ -787,7 +790,7 @@ def test_training_step_copies_nothing_but_autocasts_casts(autocast):
 
 @pytest.mark.parametrize("bad", ["-1", "soon"])
 def test_checkpoint_every_rejects_bad_values(bad, monkeypatch, no_hw2_env):
-    with pytest.raises((hw2.HW2Error, SystemExit)):
+    with pytest.raises(hw2.HW2Error, match="--checkpoint-every"):
         hw2.parse_config(["--checkpoint-every", bad])
     monkeypatch.setenv("HW2_CHECKPOINT_EVERY", bad)
     with pytest.raises(hw2.HW2Error, match="HW2_CHECKPOINT_EVERY|--checkpoint-every"):

@@ -4,6 +4,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -134,7 +137,10 @@ def test_same_seed_twice_is_byte_identical_and_recorded(base, tmp_path):
     import hashlib
     ok(base["res"])
     out = tmp_path / "again"
-    res = smoke(out, base["data"], base["test_npy"], "--epochs", "2", "--deterministic")
+    # the precision the base run chose, pinned: auto's bf16 timing must not be what differs
+    precision = json.loads((base["out"] / "metrics.json").read_text())["precision"]
+    res = smoke(out, base["data"], base["test_npy"], "--epochs", "2", "--deterministic",
+                "--precision", precision)
     ok(res)
     assert read(out / "submission.csv") == read(base["out"] / "submission.csv")
     first, again = (json.loads((d / "metrics.json").read_text()) for d in (base["out"], out))
@@ -144,13 +150,70 @@ def test_same_seed_twice_is_byte_identical_and_recorded(base, tmp_path):
     assert first["seed"] == again["seed"] == 0 and first["torch"] == torch.__version__
 
 
+KILL_AFTER_FIRST_CHECKPOINT = """
+import os, runpy, signal, sys
+real_replace = os.replace
+def replace_then_ctrl_c(src, dst, *a, **k):
+    real_replace(src, dst, *a, **k)
+    if os.path.basename(dst) == "checkpoint.pt":  # Kaggle ends the session right after the save
+        os.replace = real_replace
+        os.kill(os.getpid(), signal.SIGINT)
+os.replace = replace_then_ctrl_c
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_killed_after_its_first_checkpoint_then_resumed_writes_the_same_bytes(base, tmp_path):
+    # The course's rule end to end, through the script: a run stopped by a real Ctrl-C right
+    # after epoch 1's checkpoint, then `--resume`d, writes the uninterrupted run's submission.csv.
+    ok(base["res"])
+    first = json.loads((base["out"] / "metrics.json").read_text())
+    out, killer = tmp_path / "out", tmp_path / "kill_after_first_checkpoint.py"
+    killer.write_text(KILL_AFTER_FIRST_CHECKPOINT)
+    # the precision the base run chose, pinned: auto's bf16 timing must not be what differs
+    args = ["--preset", "smoke", "--output-dir", out, "--data-dir", base["data"], "--test-npy",
+            base["test_npy"], "--epochs", "2", "--precision", first["precision"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    killed = subprocess.run([sys.executable, str(killer), hw2.__file__, *map(str, args),
+                             "--checkpoint-every", "0"], capture_output=True, text=True,
+                            timeout=400, env={**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"})
+    assert killed.returncode != 0 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
+    assert "hw2: interrupted" in killed.stderr and "--resume" in killed.stderr
+    assert [int(line.split()[0]) for line in epoch_lines(killed.stdout)] == [1]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0  # mid-run
+    assert not (out / "submission.csv").exists()
+    res = smoke(out, base["data"], base["test_npy"], "--epochs", "2", "--resume",
+                "--precision", first["precision"])
+    ok(res)
+    assert "resumed from" in res.stdout
+    assert epoch_lines(res.stdout)[:1] == epoch_lines(killed.stdout)  # epoch 1 reprinted, 2 trained
+    assert [int(line.split()[0]) for line in epoch_lines(res.stdout)] == [1, 2]
+    assert read(out / "submission.csv") == read(base["out"] / "submission.csv")
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["submission_sha256"] == first["submission_sha256"]
+
+
+def test_a_write_that_fails_after_the_submission_leaves_no_stale_metrics(base, run_copy):
+    # A second run (another seed) into the first one's folder fails at a figure, after its new
+    # model.pt and submission.csv: the first run's metrics.json, whose submission_sha256 names the
+    # old file, must not be left beside them; a run that fails before them keeps it (resume_*).
+    (run_copy / "test_predictions.png").unlink()
+    (run_copy / "test_predictions.png").mkdir()  # the rename onto it fails: a system error
+    res = smoke(run_copy, base["data"], base["test_npy"], "--epochs", "2", "--seed", "1", "--skip-answers")
+    failed(res, run_copy / "test_predictions.png", "cannot write")
+    assert read(run_copy / "submission.csv") != read(base["out"] / "submission.csv")  # the new one
+    assert read(run_copy / "model.pt") != read(base["out"] / "model.pt")
+    assert not (run_copy / "metrics.json").exists()
+
+
 def test_resume_with_other_epochs_is_refused_clearly(base, run_copy):
     # The lr schedule (warm-up, decay to 0 at the last step) is a function of the total epochs,
     # so a checkpoint only continues the run it came from; a longer run must start afresh.
     before = {name: read(run_copy / name) for name in FILES}
     res = smoke(run_copy, base["data"], base["test_npy"], "--epochs", "3", "--resume")
     failed(res, run_copy / "checkpoint.pt", "another run")
-    assert "'epochs': 2" in res.stderr and "'epochs': 3" in res.stderr
+    assert "(epochs 2 there, 3 here)" in res.stderr  # the field that differs, and only it
     assert "train_loss" not in res.stdout
     assert {name: read(run_copy / name) for name in FILES} == before
 
@@ -158,7 +221,7 @@ def test_resume_with_other_epochs_is_refused_clearly(base, run_copy):
 def test_resume_from_another_runs_checkpoint_fails(base, run_copy):
     before = {name: read(run_copy / name) for name in FILES}
     res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2", "--seed", "1")
-    failed(res, run_copy / "checkpoint.pt", "another run")
+    failed(res, run_copy / "checkpoint.pt", "another run (seed 0 there, 1 here)")
     assert "train_loss" not in res.stdout
     assert {name: read(run_copy / name) for name in FILES} == before  # nothing overwritten
 
@@ -344,12 +407,31 @@ DAMAGED = {
                           "'model' is not a set of weights"),
     "model_no_history": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "history"},
                          "not a usable model.pt (no history)"),
+    # numbers past any run (these passed, then overflowed in torch.split, the lr schedule or a plot)
+    "model_batch_size_10_30": ("model.pt", lambda ck, m: dict(m, batch_size=10**30), "malformed"),
+    "checkpoint_step_10_30": ("checkpoint.pt", lambda ck, m: dict(ck, step=10**30), "malformed"),
+    "model_history_acc_1e308": ("model.pt", lambda ck, m: dict(m, history=[dict(m["history"][0], train_acc=1e308)]),
+                                "malformed"),
+    "model_history_seconds_negative": ("model.pt", lambda ck, m: dict(m, history=[dict(m["history"][0], seconds=-1.0)]),
+                                       "malformed"),
     "model_nan_weights": ("model.pt", lambda ck, m: _nan_weights(m), "weights hold NaN or inf"),
     "model_one_nan_weight": ("model.pt", lambda ck, m: _one_nan_weight(m), "weights hold NaN or inf"),
     "model_no_batch_size": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "batch_size"},
                             "not a usable model.pt (no batch_size)"),
     "model_is_checkpoint": ("model.pt", lambda ck, m: ck, "it is a checkpoint.pt, which --resume reads"),
 }
+
+
+def test_a_plain_pickle_model_pt_is_one_error_without_torchs_warning(tmp_path):
+    # torch warns, over two lines, about a pickle protocol it did not write: the one-line error
+    # (the file is not torch's) says all there is to say
+    import pickle
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would end the test here instead
+        with pytest.raises(hw2.HW2Error, match=re.escape(f"{path}: not a usable model.pt (UnpicklingError)")):
+            hw2.load_checkpoint(str(path))
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED))
