@@ -63,6 +63,7 @@ import contextlib
 import copy
 import csv
 import difflib
+import errno
 import gc
 import glob
 import hashlib
@@ -113,6 +114,11 @@ def _script_excepthook(kind, err, tb):
     elif issubclass(kind, BrokenPipeError) and _stdout_closed():
         print("hw2: error: the output was piped to a program that closed it (e.g. `| head`), so the "
               "run stopped; a checkpoint (if any) is in the output dir: rerun with --resume", file=sys.stderr)
+    elif issubclass(kind, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        # files in the output dir already fail as HW2Error naming the file (atomic_write), so this is
+        # the printed log: stdout sent to a full disk or to /dev/full
+        print(f"hw2: error: cannot write the log to stdout ({err.strerror}): free some space or send it "
+              "elsewhere; a checkpoint (if any) is in the output dir: rerun with --resume", file=sys.stderr)
     else:
         sys.__excepthook__(kind, err, tb)
     _wait_for_threads()
@@ -396,7 +402,7 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=_env_number("epochs"), help="override the preset's epochs")
     p.add_argument("--widths", default=_env_flag("widths"), metavar="C1,C2,C3",
                    help="override the preset's channels of the three residual groups, e.g. 128,384,512")
-    p.add_argument("--seed", type=int, default=_env_number("seed", 0))
+    p.add_argument("--seed", type=int, default=_env_number("seed"), help="default 0")
     p.add_argument("--device", choices=DEVICES, default=_env_choice("device", DEVICES, "auto"),
                    help="auto: a working GPU, else the CPU quick preset")
     p.add_argument("--precision", choices=PRECISIONS, default=_env_choice("precision", PRECISIONS, "auto"),
@@ -490,7 +496,8 @@ def parse_config(argv=None):
         raise HW2Error("--deterministic and --autotune on exclude each other: autotuning picks the "
                        "kernels that were fastest this time, which can differ run to run")
     cfg.autotune = cfg.autotune or "off"  # measured faster end to end (configure_determinism)
-    cfg.seed = int(cfg.seed)
+    cfg.seed_given = cfg.seed is not None  # --predict-only refuses one that model.pt did not train with
+    cfg.seed = 0 if cfg.seed is None else int(cfg.seed)
     if not 0 <= cfg.seed <= MAX_SEED:
         raise HW2Error(f"--seed {cfg.seed}: expected a whole number from 0 to {MAX_SEED}")
     if cfg.output_dir == "":  # e.g. --output-dir "$OUT" with OUT unset: not the current folder
@@ -662,7 +669,7 @@ def load_checkpoint(path):
     if name == "model.pt" and not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
         raise HW2Error(f"{path}: its weights hold NaN or inf (a run that diverged): train again")
     if not _saved_fields_ok(saved):
-        raise HW2Error(f"{path}: not a usable {name} (malformed history, identity, counts or net shape)")
+        raise HW2Error(f"{path}: not a usable {name} (malformed history, identity, counts, net shape, seed or optimizer)")
     return saved
 
 
@@ -690,7 +697,9 @@ def _saved_fields_ok(saved):
             and isinstance(widths, (list, tuple)) and len(widths) == 3
             and all(type(w) is int and 1 <= w <= MAX_WIDTH for w in widths)
             and isinstance(residual, (list, tuple)) and len(residual) == 3
-            and all(type(r) is bool for r in residual))
+            and all(type(r) is bool for r in residual)
+            and (type(saved.get("seed", 0)) is int and 0 <= saved.get("seed", 0) <= MAX_SEED)
+            and saved.get("optimizer", "sgd") in OPTIMIZERS[1:])
 
 
 def load_weights(model, weights, path):
@@ -3441,7 +3450,24 @@ def model_record(model, cfg, hp, history, batch_size, data, **extra):
     and the split it trained on (so that a later validation never scores its training images)."""
     return dict(model=model.state_dict(), preset=cfg.preset, history=history, batch_size=batch_size,
                 widths=hp["widths"], residual=hp["residual"], n_train=len(data["train_x"]),
-                val_size=len(data["val_x"]), **extra)
+                val_size=len(data["val_x"]), seed=cfg.seed, optimizer=optimizer_name(hp), **extra)
+
+
+def predict_only_conflicts(cfg, saved, path):
+    """--predict-only reuses model.pt as it trained. A training flag given with another value
+    (--epochs 30 on a 2-epoch model) would be silently ignored, so it is refused, naming each flag
+    and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine."""
+    trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
+                   optimizer=saved.get("optimizer"))
+    asked = dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
+                 optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
+    plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
+    clash = [f"--{k} {plain(v)} (it trained with {'a value it does not record' if trained[k] is None else plain(trained[k])})"
+             for k, v in asked.items() if v is not None and plain(v) != plain(trained[k])]
+    if clash:
+        raise HW2Error(f"--predict-only reuses {path} as it trained and would ignore {'; '.join(clash)}: "
+                       f"drop {'that flag' if len(clash) == 1 else 'those flags'}, or train again "
+                       f"without --predict-only")
 
 
 def save_torch(path, obj):
@@ -3737,6 +3763,7 @@ if RUN and not CFG.answers_only:
             _cpu = " --device cpu" if HW["device"] == "cpu" and _saved.get("preset") in ("full", "fast") else ""
             raise HW2Error(f"--predict-only: {MODEL_PATH} holds a {_saved.get('preset')} model, "
                            f"not {CFG.preset}: pass --preset {_saved.get('preset')}{_cpu}")
+        predict_only_conflicts(CFG, _saved, MODEL_PATH)
         # the net's shape as trained: `quick` is narrower where it trained in fp32 (preset_hparams)
         HP.update(widths=tuple(_saved.get("widths", HP["widths"])),
                   residual=tuple(_saved.get("residual", HP["residual"])))

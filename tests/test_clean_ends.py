@@ -125,6 +125,22 @@ def test_output_piped_to_a_reader_that_closes_ends_in_one_line(tmp_path):
                                 "output dir: rerun with --resume"], err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_output_sent_to_a_full_device_ends_in_one_line(tmp_path):
+    # `python hw2.py > /dev/full` (or stdout on a full disk): the first print fails with ENOSPC;
+    # one line on stderr naming stdout and the reason, no traceback, no output dir left behind
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HW2_")}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "hw2.py"), "--answers-only",
+                               "--output-dir", str(tmp_path / "out")], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["hw2: error: cannot write the log to stdout (No space left on "
+                                        "device): free some space or send it elsewhere; a checkpoint "
+                                        "(if any) is in the output dir: rerun with --resume"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_permission_lost(tmp_path, monkeypatch):
     d = tmp_path / "ro"
     d.mkdir()

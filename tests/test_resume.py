@@ -294,7 +294,7 @@ def test_model_pt_records_a_run_without_a_hold_out_as_zero(base):
     assert saved["val_size"] == json.loads((base["out"] / "metrics.json").read_text())["n_val"] > 0
     net = hw2.Net((8, 8, 8))
     data = dict(train_x=np.zeros((40, 3, 32, 32), np.uint8), val_x=np.zeros((0, 3, 32, 32), np.uint8))
-    rec = hw2.model_record(net, argparse.Namespace(preset="smoke"), dict(widths=(8, 8, 8), residual=(True,) * 3),
+    rec = hw2.model_record(net, argparse.Namespace(preset="smoke", seed=0), dict(widths=(8, 8, 8), residual=(True,) * 3),
                            [], 32, data)
     assert (rec["n_train"], rec["val_size"]) == (40, 0)
 
@@ -306,6 +306,43 @@ def test_predict_only_of_a_gpu_model_on_the_cpu_names_every_flag_needed(base, ru
     torch.save(dict(saved, preset="full"), run_copy / "model.pt")
     res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only")
     failed(res, "holds a full model, not smoke", "pass --preset full --device cpu")
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--epochs", "5"], ["--epochs 5 (it trained with 2)", "drop that flag"]),
+    (["--widths", "8,8,8"], ["--widths 8,8,8 (it trained with 8,16,16)"]),
+    (["--seed", "3"], ["--seed 3 (it trained with 0)"]),
+    (["--optimizer", "muon"], ["--optimizer muon (it trained with sgd)"]),
+    (["--epochs", "5", "--seed", "3"], ["--epochs 5 (it trained with 2); --seed 3 (it trained with 0)",
+                                        "drop those flags"]),
+], ids=["epochs", "widths", "seed", "optimizer", "two"])
+def test_predict_only_refuses_a_training_flag_it_would_ignore(base, run_copy, flags, needles):
+    # the model in model.pt is predicted as it trained: `--epochs 5` there retrains nothing, so a
+    # value other than the one it trained with is refused before anything is replaced
+    saved = torch.load(run_copy / "model.pt", weights_only=True)
+    assert (len(saved["history"]), tuple(saved["widths"]), saved["seed"], saved["optimizer"]) == \
+        (2, (8, 16, 16), 0, "sgd")  # what the needles say it trained with
+    before = read(run_copy / "submission.csv")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only", *flags)
+    failed(res, run_copy / "model.pt", *needles)
+    assert read(run_copy / "submission.csv") == before and (run_copy / "metrics.json").exists()
+
+
+def test_predict_only_accepts_training_flags_equal_to_the_model_s(base, run_copy):
+    # a notebook's HW2_EPOCHS / HW2_SEED still set from the training run: the same values pass
+    (run_copy / "submission.csv").unlink()
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only", "--epochs", "2",
+                "--widths", "8, 16, 16", "--seed", "0", "--optimizer", "sgd")
+    ok(res)
+    assert read(run_copy / "submission.csv") == read(base["out"] / "submission.csv")
+
+
+def test_predict_only_refuses_a_seed_an_older_model_pt_does_not_record(base, run_copy):
+    saved = torch.load(run_copy / "model.pt", weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != "seed"}, run_copy / "model.pt")
+    failed(smoke(run_copy, base["data"], base["test_npy"], "--predict-only", "--seed", "0"),
+           "--seed 0 (it trained with a value it does not record)")
+    ok(smoke(run_copy, base["data"], base["test_npy"], "--predict-only"))  # without the flag: fine
 
 
 def test_predict_only_in_an_empty_dir_fails(base, tmp_path):
@@ -416,6 +453,9 @@ DAMAGED = {
                                        "malformed"),
     "model_nan_weights": ("model.pt", lambda ck, m: _nan_weights(m), "weights hold NaN or inf"),
     "model_one_nan_weight": ("model.pt", lambda ck, m: _one_nan_weight(m), "weights hold NaN or inf"),
+    "model_seed_negative": ("model.pt", lambda ck, m: dict(m, seed=-1), "malformed"),
+    "model_seed_str": ("model.pt", lambda ck, m: dict(m, seed="0"), "malformed"),
+    "model_optimizer_unknown": ("model.pt", lambda ck, m: dict(m, optimizer="adam"), "malformed"),
     "model_no_batch_size": ("model.pt", lambda ck, m: {k: v for k, v in m.items() if k != "batch_size"},
                             "not a usable model.pt (no batch_size)"),
     "model_is_checkpoint": ("model.pt", lambda ck, m: ck, "it is a checkpoint.pt, which --resume reads"),
