@@ -359,6 +359,22 @@ def test_real_cifar_protocol_2_batch_is_accepted(tmp_path):
     assert y.tolist() == [0, 1, 2, 3, 4, 5, 9] and y.dtype == np.int64
 
 
+def test_a_batch_with_empty_bytes_pickled_by_python_3_at_protocol_2_is_accepted(tmp_path):
+    # Python 3 writes b"" at protocol 2 as a call to bytes() (other bytes via _codecs.encode)
+    p = str(tmp_path / "data_batch_1")
+    write_batch(p, {**batch(n=3, labels=[1, 2, 3]), b"batch_label": b"", b"filenames": [b"", b"a.png", b""]})
+    x, y = hw2.read_cifar_batch(p)
+    assert x.shape == (3, 3, 32, 32) and y.tolist() == [1, 2, 3]
+
+
+def test_bytes_called_with_a_size_is_refused(tmp_path):
+    # the allowance is for bytes() only: bytes(10**12) would be an allocation the file chooses
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(b"\x80\x02c__builtin__\nbytes\nJ\x00\x10\x00\x00\x85R.")  # bytes(4096)
+    with pytest.raises(hw2.HW2Error, match=r"data_batch_1: not a CIFAR-10 batch \(refusing to load bytes\(\) with arguments\)"):
+        hw2.read_cifar_batch(str(p))
+
+
 def test_labels_saved_as_numpy_integers_are_accepted(tmp_path):
     # a batch written from numpy (a list of np.int64): a numpy scalar is a dtype and its bytes
     p = str(tmp_path / "data_batch_1")
