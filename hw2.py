@@ -3471,8 +3471,11 @@ def predict_only_conflicts(cfg, saved, path):
     asked = dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
                  optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
     plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
-    clash = [f"--{k} {plain(v)} (it trained with {'a value it does not record' if trained[k] is None else plain(trained[k])})"
-             for k, v in asked.items() if v is not None and plain(v) != plain(trained[k])]
+    clash = []
+    for flag, value in asked.items():
+        if value is not None and plain(value) != plain(trained[flag]):
+            was = "a value it does not record" if trained[flag] is None else plain(trained[flag])
+            clash.append(f"--{flag} {plain(value)} (it trained with {was})")
     if clash:
         raise HW2Error(f"--predict-only reuses {path} as it trained and would ignore {'; '.join(clash)}: "
                        f"drop {'that flag' if len(clash) == 1 else 'those flags'}, or train again "
