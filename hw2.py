@@ -2984,7 +2984,8 @@ def _rank_main(rank, world, workdir, data, hp, hw, cfg):
         msg = str(e) if isinstance(e, HW2Error) else f"rank {rank} failed: {type(e).__name__}: {e}"
         report = dict(time=time.time(), rank=rank, message=msg,
                       traceback=None if isinstance(e, HW2Error) else traceback.format_exc())
-        with open(os.path.join(workdir, f"error.{rank}.json"), "w") as f:
+        # a full disk must not skip the os._exit below (the parent then says the rank died unheard)
+        with contextlib.suppress(OSError), open(os.path.join(workdir, f"error.{rank}.json"), "w") as f:
             json.dump(report, f)
         # End here, skipping the interpreter's teardown: on torch 2.3.1 a failed gloo rank hung in
         # it in 2 runs of 11 (DDP's Reducer, freed with the GIL held, joined gloo's worker thread,

@@ -327,6 +327,26 @@ def test_a_failed_rank_exits_without_its_teardown(monkeypatch):
         signal.signal(signal.SIGALRM, old)
 
 
+def test_a_failed_rank_that_cannot_write_its_report_still_exits_at_once(monkeypatch, tmp_path):
+    # a full disk (here: a workdir that is gone) must not send the rank into its teardown
+    def fail(*_, **__):
+        raise hw2.HW2Error("injected failure")
+
+    exits = []
+
+    def exit_now(code):
+        exits.append(code)
+        raise SystemExit(code)  # stands in for os._exit, which would end pytest itself
+
+    monkeypatch.setattr(hw2, "train_rank", fail)
+    monkeypatch.setattr(hw2.os, "_exit", exit_now)
+    monkeypatch.setattr(hw2.sys, "stdout", hw2.sys.stdout)  # rank 1 redirects both to /dev/null
+    monkeypatch.setattr(hw2.sys, "stderr", hw2.sys.stderr)
+    with pytest.raises(SystemExit):
+        hw2._rank_main(1, 2, str(tmp_path / "gone"), {}, {}, {}, None)
+    assert exits == [1]
+
+
 def test_ctrl_c_stops_every_rank(tmp_path):
     # a notebook's interrupt reaches the kernel (the parent) only: it must take its ranks down
     out = tmp_path / "out"
