@@ -818,7 +818,7 @@ def test_fast_preset_end_to_end_on_tiny_data(tiny_cifar_dir, tmp_path):
     # --device cpu: without it a machine with no usable GPU swaps the GPU presets for `quick`
     proc = run_hw2("--preset", "fast", "--device", "cpu", "--epochs", "1", "--val-size", "200",
                    "--data-dir", tiny_cifar_dir, "--test-npy", tmp_path / "test.npy", "--output-dir", out,
-                   "--deterministic")
+                   "--deterministic", "--skip-answers")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     sub = pd.read_csv(out / "submission.csv")
@@ -858,7 +858,7 @@ def test_widths_flag_reshapes_the_net_and_is_recorded(tiny_cifar_dir, tmp_path, 
     monkeypatch.delenv("HW2_WIDTHS")
     out = tmp_path / "out"
     proc = run_hw2("--preset", "smoke", "--widths", "8,8,16", "--epochs", "1", "--val-size", "200",
-                   "--data-dir", tiny_cifar_dir, "--output-dir", out)
+                   "--data-dir", tiny_cifar_dir, "--output-dir", out, "--skip-answers")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["widths"] == [8, 8, 16] and m["parameters"] == hw2.count_params(hw2.Net((8, 8, 16)))

@@ -28,9 +28,11 @@ def epoch_lines(stdout):
     return [] if m is None else [x.group(0) for x in EPOCH_LINE.finditer(stdout, m.end())]
 
 
-def smoke(out, data_dir, test_npy, *args):
+def smoke(out, data_dir, test_npy, *args, answers=False):
+    """The script on the smoke preset; Problems 1-3 (~10 s, no part of what these tests check
+    after the base run) only with answers=True."""
     return run_hw2("--preset", "smoke", "--output-dir", out, "--data-dir", data_dir,
-                   "--test-npy", test_npy, *args, timeout=400)
+                   "--test-npy", test_npy, *args, *([] if answers else ["--skip-answers"]), timeout=400)
 
 
 def ok(res):
@@ -62,7 +64,7 @@ def base(tmp_path_factory, tiny_cifar_dir):
     test_npy = str(d / "test.npy")
     np.save(test_npy, np.random.default_rng(5).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8))
     out = d / "out"
-    res = smoke(out, tiny_cifar_dir, test_npy, "--epochs", "2")
+    res = smoke(out, tiny_cifar_dir, test_npy, "--epochs", "2", answers=True)  # as a user runs it
     return dict(res=res, out=out, test_npy=test_npy, data=tiny_cifar_dir)
 
 
@@ -200,7 +202,7 @@ def test_a_write_that_fails_after_the_submission_leaves_no_stale_metrics(base, r
     # old file, must not be left beside them; a run that fails before them keeps it (resume_*).
     (run_copy / "test_predictions.png").unlink()
     (run_copy / "test_predictions.png").mkdir()  # the rename onto it fails: a system error
-    res = smoke(run_copy, base["data"], base["test_npy"], "--epochs", "2", "--seed", "1", "--skip-answers")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--epochs", "2", "--seed", "1")
     failed(res, run_copy / "test_predictions.png", "cannot write")
     assert read(run_copy / "submission.csv") != read(base["out"] / "submission.csv")  # the new one
     assert read(run_copy / "model.pt") != read(base["out"] / "model.pt")
@@ -255,7 +257,7 @@ def test_predict_only_times_the_prediction_apart_from_the_load(base, run_copy, t
     model.pt load (milliseconds for smoke's net), the predict phase TTA over 2,000 images."""
     big = tmp_path / "big.npy"
     np.save(big, np.random.default_rng(7).integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8))
-    res = smoke(run_copy, base["data"], big, "--predict-only", "--skip-answers")
+    res = smoke(run_copy, base["data"], big, "--predict-only")
     ok(res)
     sec = json.loads((run_copy / "metrics.json").read_text())["seconds"]
     assert len(pd.read_csv(run_copy / "submission.csv")) == 2000
