@@ -721,11 +721,33 @@ def npy_file(path):
     return path
 
 
+def predict_only_conflicts(cfg, saved, path):
+    """--predict-only reuses model.pt as it trained. A training flag given with another value
+    (--epochs 30 on a 2-epoch model) would be silently ignored, so it is refused, naming each flag
+    and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine."""
+    trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
+                   optimizer=saved.get("optimizer"))
+    asked = dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
+                 optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
+    plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
+    clash = []
+    for flag, value in asked.items():
+        if value is not None and plain(value) != plain(trained[flag]):
+            was = "a value it does not record" if trained[flag] is None else plain(trained[flag])
+            clash.append(f"--{flag} {plain(value)} (it trained with {was})")
+    if clash:
+        raise HW2Error(f"--predict-only reuses {path} as it trained and would ignore {'; '.join(clash)}: "
+                       f"drop {'that flag' if len(clash) == 1 else 'those flags'}, or train again "
+                       f"without --predict-only")
+
+
 def precheck_paths(cfg):
     """The paths the user named, checked in milliseconds before Problems 1-3 spend their ~9 s, so
-    a typo fails at once. Contents (batch files, test.npy's array) are validated when loaded."""
+    a typo fails at once. Contents (batch files, test.npy's array) are validated when loaded,
+    except --predict-only's model.pt, which is loaded and checked against the flags here (a
+    wrong flag fails at once too) and returned, so that it is read once."""
     if cfg.answers_only:
-        return
+        return None
     if cfg.data_dir is not None:
         data_dir_folder(cfg.data_dir)
     if cfg.test_npy is not None:
@@ -733,15 +755,20 @@ def precheck_paths(cfg):
     if cfg.resume:
         existing_output(cfg, "checkpoint.pt", "--resume", "nothing to resume")
     if cfg.predict_only:
-        existing_output(cfg, "model.pt", "--predict-only", "train first")
+        path = existing_output(cfg, "model.pt", "--predict-only", "train first")
+        saved = load_checkpoint(path)
+        predict_only_conflicts(cfg, saved, path)
+        return saved
+    return None
 
 
 if RUN:
+    T_START = time.time()
     CFG = parse_config()
     CFG.output_dir = prepare_output_dir(CFG.output_dir)
-    precheck_paths(CFG)
+    SAVED_MODEL = precheck_paths(CFG)  # --predict-only's model.pt, checked; else None
     configure_determinism(CFG.deterministic, CFG.autotune)
-    T_START = time.time()
+    T_ANSWERS_START = time.time()
     print(f"hw2 | python {platform.python_version()} | torch {torch.__version__} | "
           f"output -> {CFG.output_dir}")
 
@@ -1972,7 +1999,7 @@ def markdown_block_text(text, key):
     return text.split(begin, 1)[1].split("\n<!-- end generated -->", 1)[0]
 
 
-T_ANSWERS = time.time() - T_START if RUN else 0.0
+T_ANSWERS = time.time() - T_ANSWERS_START if RUN else 0.0
 if RUN and not CFG.skip_answers:
     print(answers_table(ANSWERS))
 if RUN and CFG.answers_only:
@@ -3463,26 +3490,6 @@ def model_record(model, cfg, hp, history, batch_size, data, **extra):
                 val_size=len(data["val_x"]), seed=cfg.seed, optimizer=optimizer_name(hp), **extra)
 
 
-def predict_only_conflicts(cfg, saved, path):
-    """--predict-only reuses model.pt as it trained. A training flag given with another value
-    (--epochs 30 on a 2-epoch model) would be silently ignored, so it is refused, naming each flag
-    and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine."""
-    trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
-                   optimizer=saved.get("optimizer"))
-    asked = dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
-                 optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
-    plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
-    clash = []
-    for flag, value in asked.items():
-        if value is not None and plain(value) != plain(trained[flag]):
-            was = "a value it does not record" if trained[flag] is None else plain(trained[flag])
-            clash.append(f"--{flag} {plain(value)} (it trained with {was})")
-    if clash:
-        raise HW2Error(f"--predict-only reuses {path} as it trained and would ignore {'; '.join(clash)}: "
-                       f"drop {'that flag' if len(clash) == 1 else 'those flags'}, or train again "
-                       f"without --predict-only")
-
-
 def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
@@ -3770,13 +3777,11 @@ if RUN and not CFG.answers_only:
     T0 = time.time()
     join_prewarm(PREWARM, TRAIN_STATS)
     if CFG.predict_only:
-        MODEL_PATH = existing_output(CFG, "model.pt", "--predict-only", "train first")
-        _saved = load_checkpoint(MODEL_PATH)
+        MODEL_PATH, _saved = os.path.join(CFG.output_dir, "model.pt"), SAVED_MODEL
         if _saved.get("preset") != CFG.preset:
             _cpu = " --device cpu" if HW["device"] == "cpu" and _saved.get("preset") in ("full", "fast") else ""
             raise HW2Error(f"--predict-only: {MODEL_PATH} holds a {_saved.get('preset')} model, "
                            f"not {CFG.preset}: pass --preset {_saved.get('preset')}{_cpu}")
-        predict_only_conflicts(CFG, _saved, MODEL_PATH)
         # the net's shape as trained: `quick` is narrower where it trained in fp32 (preset_hparams)
         HP.update(widths=tuple(_saved.get("widths", HP["widths"])),
                   residual=tuple(_saved.get("residual", HP["residual"])))
