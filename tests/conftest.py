@@ -1,5 +1,6 @@
 """Shared fixtures: the repo on sys.path, a subprocess runner for hw2.py, real CIFAR-10 batches."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path.insert(0, ROOT)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The Ctrl-C tests send hw2.py a real SIGINT, as a terminal does. A shell starts a background job
+# (`make test &`) with SIGINT ignored, children inherit that, and Python then never raises
+# KeyboardInterrupt: here the handler is Python's own again, and every child starts as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def killed_after_first_save(monkeypatch, train):
