@@ -2760,13 +2760,13 @@ def count_run_flops(hp, epochs, images_per_epoch, batch_size=None):
 # against bf16 kernels no faster than fp32's; it does not predict the run's length: the same
 # Xeon with AMX visible steps as fast as the Zen 5 but ran 12 epochs in 431 s, so the recipe is
 # sized to fit there (8 epochs, tests/test_cpu_precision.py).
-BF16_MIN_SPEEDUP = 1.25  # measured: Zen 5 1.64 (step); that Xeon 0.63-0.91 (step), 0.58-0.92 here
+BF16_MIN_SPEEDUP = 1.25  # measured here: Zen 5 1.58-1.88 (10 runs); that Xeon 0.58-0.92
 
 
 def cpu_bf16_speedup(batch=256, pairs=3):
     """fp32 seconds / bf16 seconds of one forward + backward of `quick`'s bf16 net on this CPU:
     the best of `pairs` alternating runs (noise only adds time), after a pair that builds oneDNN's
-    kernels: ~3 s on the Xeon, ~1.2 s on a Zen 5 by its step times. Leaves RNG and threads as found."""
+    kernels: ~3 s on the Xeon, ~1.5 s on a Zen 5. Leaves RNG and threads as found."""
     hp, threads = PRESETS["quick"], torch.get_num_threads()
     best = dict(fp32=math.inf, bf16=math.inf)
     with torch.random.fork_rng(devices=[]):
