@@ -2789,9 +2789,12 @@ def cpu_bf16_speedup(batch=256, pairs=3):
     return best["fp32"] / best["bf16"]
 
 
-def saved_precision(cfg):
+def saved_precision(cfg, model_pt=None):
     """The precision the checkpoint that --resume continues, or the model that --predict-only
-    loads, was trained in (None if there is none, or it predates the record)."""
+    loads, was trained in (None if there is none, or it predates the record). `model_pt`: that
+    model as precheck_paths already read it, so that it is not read again."""
+    if cfg.predict_only and model_pt is not None:
+        return model_pt.get("precision")
     name = "checkpoint.pt" if cfg.resume else "model.pt" if cfg.predict_only else None
     path = name and os.path.join(cfg.output_dir, name)
     if not path or not os.path.isfile(path):
@@ -2825,7 +2828,7 @@ def settle_cpu_precision(plan, measure=cpu_bf16_speedup, saved=lambda: None):
 
 if RUN and not CFG.answers_only:
     T0 = time.time()
-    _line = settle_cpu_precision(HW, saved=lambda: saved_precision(CFG))
+    _line = settle_cpu_precision(HW, saved=lambda: saved_precision(CFG, SAVED_MODEL))
     T_PRECISION = time.time() - T0  # the bf16 measurement where there is one, else ~0
     if _line:
         print(_line)

@@ -105,6 +105,8 @@ def test_base_run_positive_control(base):
     for flag in ("resume", "predict_only"):
         cfg = hw2.parse_config(["--output-dir", str(out), f"--{flag.replace('_', '-')}"])
         assert hw2.saved_precision(cfg) == metrics["precision"], flag
+    other = "fp32" if saved["precision"] == "bf16" else "bf16"  # --predict-only's model.pt as already read: not read again
+    assert hw2.saved_precision(cfg, model_pt=dict(saved, precision=other)) == other
     assert hw2.saved_precision(hw2.parse_config(["--output-dir", str(out)])) is None  # a new run
     assert metrics["precision"] == ("bf16" if native and speedup >= hw2.BF16_MIN_SPEEDUP else "fp32")
     assert metrics["cpu"]["native_bf16"] is known and metrics["cpu"]["name"] == hw2.cpu_name()
