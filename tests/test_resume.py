@@ -223,11 +223,49 @@ def test_resume_with_other_epochs_is_refused_clearly(base, run_copy):
 
 
 def test_resume_from_another_runs_checkpoint_fails(base, run_copy):
+    # refused before Problems 1-3 spend their ~10 s (answers=True: the script as a user runs it)
     before = {name: read(run_copy / name) for name in FILES}
-    res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2", "--seed", "1")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2", "--seed", "1",
+                answers=True)
     failed(res, run_copy / "checkpoint.pt", "another run (seed 0 there, 1 here)")
-    assert "train_loss" not in res.stdout
+    assert "Problem 1" not in res.stdout and "train_loss" not in res.stdout, res.stdout[-2000:]
     assert {name: read(run_copy / name) for name in FILES} == before  # nothing overwritten
+
+
+@pytest.mark.parametrize("case", ["checkpoint_tensor", "checkpoint_is_model"])
+def test_resume_refuses_a_damaged_checkpoint_before_problems(base, run_copy, case):
+    name, make, phrase = DAMAGED[case]
+    assert name == "checkpoint.pt"
+    ck, m = (torch.load(run_copy / f, weights_only=True) for f in ("checkpoint.pt", "model.pt"))
+    torch.save(make(ck, m), run_copy / name)
+    res = smoke(run_copy, base["data"], base["test_npy"], "--resume", "--epochs", "2", answers=True)
+    failed(res, run_copy / name, phrase)
+    assert "Problem 1" not in res.stdout, res.stdout[-2000:]
+
+
+def test_resume_pre_check_agrees_with_the_identity_train_records(tmp_path):
+    # resume_conflicts compares, before Problems 1-3, the identity fields the flags alone fix; it
+    # must take every run train() would resume (each flag given) and refuse each field changed
+    argv = ["--preset", "smoke", "--seed", "3", "--epochs", "1", "--widths", "8,8,16",
+            "--optimizer", "muon", "--deterministic", "--output-dir", str(tmp_path)]
+    cfg = hw2.parse_config(argv)
+    cfg.checkpoint_every = 0.0
+    hp = hw2.preset_hparams("smoke", CPU, cfg.optimizer, cfg.widths)
+    hw2.train(train_data(), hp, CPU, cfg, cfg.epochs, 32, log=quiet)
+    path = str(tmp_path / "checkpoint.pt")
+    saved = hw2.load_checkpoint(path)
+    hw2.resume_conflicts(hw2.parse_config(argv + ["--resume"]), saved, path)  # the same run: taken
+    hw2.train(train_data(), hp, CPU, hw2.parse_config(argv + ["--resume"]), 1, 32, log=quiet)  # as train() does
+    for flags, change in [(["--seed", "4"], "seed 3 there, 4 here"), (["--epochs", "2"], "epochs 1 there, 2 here"),
+                          (["--widths", "8,8,8"], "widths [8, 8, 16] there, [8, 8, 8] here"),
+                          (["--optimizer", "sgd"], "optimizer muon there, sgd here")]:
+        with pytest.raises(hw2.HW2Error, match=re.escape(f"another run ({change}): rerun")):
+            hw2.resume_conflicts(hw2.parse_config(argv + flags + ["--resume"]), saved, path)
+    no_det = [a for a in argv if a != "--deterministic"]
+    with pytest.raises(hw2.HW2Error, match=re.escape("(deterministic True there, False here)")):
+        hw2.resume_conflicts(hw2.parse_config(no_det + ["--resume"]), saved, path)
+    # flags left out (preset's epochs, widths, optimizer): compared in train(), not here
+    hw2.resume_conflicts(hw2.parse_config(["--seed", "3", "--deterministic", "--resume"]), saved, path)
 
 
 def test_resume_without_checkpoint_fails(base, tmp_path):
