@@ -721,14 +721,19 @@ def npy_file(path):
     return path
 
 
+def given_training_flags(cfg):
+    """--epochs, --widths, --seed, --optimizer as the user gave them; None where left out."""
+    return dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
+                optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
+
+
 def predict_only_conflicts(cfg, saved, path):
     """--predict-only reuses model.pt as it trained. A training flag given with another value
     (--epochs 30 on a 2-epoch model) would be silently ignored, so it is refused, naming each flag
     and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine."""
     trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
                    optimizer=saved.get("optimizer"))
-    asked = dict(epochs=cfg.epochs, widths=cfg.widths, seed=cfg.seed if cfg.seed_given else None,
-                 optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
+    asked = given_training_flags(cfg)
     plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
     clash = []
     for flag, value in asked.items():
@@ -746,10 +751,10 @@ def resume_conflicts(cfg, saved, path):
     which needs the hardware, the data and the batch size. The fields the flags alone fix (the
     seed, --deterministic, and --epochs, --widths, --optimizer where given) are compared here,
     before Problems 1-3, with the same message, so another run's checkpoint fails at once."""
-    asked = dict(seed=cfg.seed, deterministic=bool(cfg.deterministic))
-    given = dict(epochs=cfg.epochs, widths=None if cfg.widths is None else list(cfg.widths),
-                 optimizer=None if cfg.optimizer == "preset" else cfg.optimizer)
-    asked.update((k, v) for k, v in given.items() if v is not None)
+    asked = {k: v for k, v in given_training_flags(cfg).items() if v is not None}
+    asked.update(seed=cfg.seed, deterministic=bool(cfg.deterministic))  # the default seed is a seed too
+    if "widths" in asked:
+        asked["widths"] = list(asked["widths"])  # as the identity records them
     recorded = {k: saved["identity"].get(k) for k in asked}
     if recorded != asked:
         raise HW2Error(resume_refusal(path, identity_change(recorded, asked)))
