@@ -35,7 +35,7 @@
 # on the same card and the same images as yardsticks. The **JPEG train copy** is the course
 # repo's JPEG (q75) copy of the 50,000 training images; 5,000 of them are held out for
 # validation, and every system scores lower on it than on the official pixels. A **CPU proxy**
-# is a recipe run on 2 CPU cores in bf16, often at reduced width, to compare recipes where no GPU
+# is a recipe run on 2 CPU cores (bf16 or fp32), often at reduced width, to compare recipes where no GPU
 # was available: its figures compare with each other, not with GPU figures. **Muon** is the
 # optimizer of the 3×3 filters (Problem 4, *Training on the GPU*). Every GPU figure here was
 # measured on an H200; T4 figures are estimates (`BENCHMARKS.md` holds each run and its inputs).
@@ -232,7 +232,7 @@ if RUN and IN_NOTEBOOK:
 
 # %%
 PRESETS = {
-    # Leaderboard recipe for a Kaggle T4 (fp16; training FLOPs are counted in code: flops_per_image).
+    # Leaderboard recipe for a Kaggle T4 (fp16; training FLOPs are counted in code: count_flops).
     # airbench96-sized: 0.96x its training FLOPs per run (+2 % for Newton-Schulz). Muon was chosen
     # on a CPU proxy (this recipe at 64/256/256, bf16, 45k/5k, 2 seeds): Muon 26 epochs 0.9209 vs
     # SGD 30 epochs 0.9207 (BENCHMARKS.md). On an H200, harness split: 0.9275 (4 seeds) vs
@@ -442,7 +442,7 @@ def build_parser():
                    help="where outputs go (default /kaggle/working on Kaggle, else ./outputs)")
     p.add_argument("--val-size", type=int, default=_env_number("val_size"),
                    help="validation images carved from train (default 0 when a test.npy is "
-                        "predicted, else 5000)")
+                        "predicted, else 5000; smoke: 128)")
     p.add_argument("--answers-only", action="store_true",
                    default=_truthy(_env_flag("answers_only"), "answers_only"),
                    help="run Problems 1-3 only and write answers.json")
@@ -730,9 +730,18 @@ def given_training_flags(cfg):
 def predict_only_conflicts(cfg, saved, path):
     """--predict-only reuses model.pt as it trained. A training flag given with another value
     (--epochs 30 on a 2-epoch model) would be silently ignored, so it is refused, naming each flag
-    and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine."""
+    and the value the model trained with; one equal to it (a notebook's HW2_* still set) is fine.
+    Another --preset is refused here too, where the flags alone settle the run's preset."""
     trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
                    optimizer=saved.get("optimizer"))
+    trained_preset = saved.get("preset")
+    if cfg.preset is not None and cfg.preset != trained_preset and (
+            cfg.device != "auto" or (cfg.preset in ("quick", "smoke") and trained_preset not in ("full", "fast"))):
+        # The hardware choice keeps this preset (an explicit quick or smoke always, full or fast
+        # where --device is set), so the later check would refuse it too; where --device auto
+        # may still turn full or fast into quick, or the hint needs to know whether a GPU is
+        # there, that check alone decides, after the hardware choice.
+        raise HW2Error(preset_refusal(path, trained_preset, cfg.preset, cfg.device == "cpu"))
     asked = given_training_flags(cfg)
     plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
     clash = []
@@ -744,6 +753,13 @@ def predict_only_conflicts(cfg, saved, path):
         raise HW2Error(f"--predict-only reuses {path} as it trained and would ignore {'; '.join(clash)}: "
                        f"drop {'that flag' if len(clash) == 1 else 'those flags'}, or train again "
                        f"without --predict-only")
+
+
+def preset_refusal(path, trained, preset, on_cpu):
+    """--predict-only of a model trained with another preset: name the flags that load it; on the
+    CPU a GPU preset also needs --device cpu, or --device auto would turn it into quick again."""
+    cpu = " --device cpu" if on_cpu and trained in ("full", "fast") else ""
+    return f"--predict-only: {path} holds a {trained} model, not {preset}: pass --preset {trained}{cpu}"
 
 
 def resume_conflicts(cfg, saved, path):
@@ -3805,10 +3821,8 @@ if RUN and not CFG.answers_only:
     join_prewarm(PREWARM, TRAIN_STATS)
     if CFG.predict_only:
         MODEL_PATH, _saved = os.path.join(CFG.output_dir, "model.pt"), SAVED_MODEL
-        if _saved.get("preset") != CFG.preset:
-            _cpu = " --device cpu" if HW["device"] == "cpu" and _saved.get("preset") in ("full", "fast") else ""
-            raise HW2Error(f"--predict-only: {MODEL_PATH} holds a {_saved.get('preset')} model, "
-                           f"not {CFG.preset}: pass --preset {_saved.get('preset')}{_cpu}")
+        if _saved.get("preset") != CFG.preset:  # the case precheck_paths could not decide
+            raise HW2Error(preset_refusal(MODEL_PATH, _saved.get("preset"), CFG.preset, HW["device"] == "cpu"))
         # the net's shape as trained: `quick` is narrower where it trained in fp32 (preset_hparams)
         HP.update(widths=tuple(_saved.get("widths", HP["widths"])),
                   residual=tuple(_saved.get("residual", HP["residual"])))

@@ -351,6 +351,42 @@ def test_predict_only_of_a_gpu_model_on_the_cpu_names_every_flag_needed(base, ru
     failed(res, "holds a full model, not smoke", "pass --preset full --device cpu")
 
 
+@pytest.mark.parametrize("trained, flags, needle", [
+    ("quick", [], "holds a quick model, not smoke: pass --preset quick"),
+    ("full", ["--device", "cpu"], "holds a full model, not smoke: pass --preset full --device cpu"),
+], ids=["quick_model", "gpu_model_device_cpu"])
+def test_predict_only_refuses_another_preset_before_problems(base, run_copy, trained, flags, needle):
+    # where the flags alone settle the preset, another model's preset fails before Problems 1-3
+    # spend their ~10 s, with the message the check after the hardware choice gives
+    saved = torch.load(run_copy / "model.pt", weights_only=True)
+    torch.save(dict(saved, preset=trained), run_copy / "model.pt")
+    res = smoke(run_copy, base["data"], base["test_npy"], "--predict-only", *flags, answers=True)
+    failed(res, run_copy / "model.pt", needle)
+    assert "Problem 1" not in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("given, device, trained, early", [
+    ("smoke", "auto", "quick", True),    # an explicit quick or smoke is what the run trains
+    ("quick", "auto", "smoke", True),
+    ("full", "cuda", "fast", True),      # --device set: full and fast are kept as given
+    ("fast", "cpu", "quick", True),
+    ("smoke", "auto", "full", False),    # the hint depends on whether a GPU is there
+    ("full", "auto", "quick", False),    # --device auto on a CPU turns full into quick: it may match
+    ("full", "auto", "fast", False),
+    (None, "cpu", "quick", False),       # no --preset: the hardware chooses it
+    ("quick", "auto", "quick", False),   # the same preset
+], ids=lambda v: str(v))
+def test_predict_only_refuses_another_preset_early_only_where_the_flags_settle_it(given, device, trained, early):
+    cfg = argparse.Namespace(preset=given, device=device, epochs=None, widths=None, seed=0, seed_given=False,
+                             optimizer="preset")
+    saved = dict(history=[{}] * 2, preset=trained, widths=[8, 16, 16], seed=0, optimizer="sgd")
+    if early:
+        with pytest.raises(hw2.HW2Error, match=f"holds a {trained} model, not {given}: pass --preset {trained}"):
+            hw2.predict_only_conflicts(cfg, saved, "o/model.pt")
+    else:
+        hw2.predict_only_conflicts(cfg, saved, "o/model.pt")  # left to the check after the hardware choice
+
+
 @pytest.mark.parametrize("flags, needles", [
     (["--epochs", "5"], ["--epochs 5 (it trained with 2)", "drop that flag"]),
     (["--widths", "8,8,8"], ["--widths 8,8,8 (it trained with 8,16,16)"]),
