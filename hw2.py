@@ -380,6 +380,7 @@ def _truthy(text, name):
 
 
 DEVICES = ("auto", "cuda", "cpu")
+GPU_PRESETS = ("full", "fast")  # the recipes --device auto turns into quick where no GPU is usable
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 OPTIMIZERS = ("preset", "sgd", "muon")
 ON_OFF = ("on", "off")
@@ -735,12 +736,10 @@ def predict_only_conflicts(cfg, saved, path):
     trained = dict(epochs=len(saved["history"]), widths=saved.get("widths"), seed=saved.get("seed"),
                    optimizer=saved.get("optimizer"))
     trained_preset = saved.get("preset")
-    if cfg.preset is not None and cfg.preset != trained_preset and (
-            cfg.device != "auto" or (cfg.preset in ("quick", "smoke") and trained_preset not in ("full", "fast"))):
-        # The hardware choice keeps this preset (an explicit quick or smoke always, full or fast
-        # where --device is set), so the later check would refuse it too; where --device auto
-        # may still turn full or fast into quick, or the hint needs to know whether a GPU is
-        # there, that check alone decides, after the hardware choice.
+    # Decided here only where the flags settle it; else the check after the hardware choice does.
+    kept = cfg.device != "auto" or cfg.preset not in GPU_PRESETS  # the hardware choice keeps it
+    hint_known = cfg.device != "auto" or trained_preset not in GPU_PRESETS  # --device cpu or not
+    if cfg.preset is not None and cfg.preset != trained_preset and kept and hint_known:
         raise HW2Error(preset_refusal(path, trained_preset, cfg.preset, cfg.device == "cpu"))
     asked = given_training_flags(cfg)
     plain = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v  # widths as typed
@@ -758,7 +757,7 @@ def predict_only_conflicts(cfg, saved, path):
 def preset_refusal(path, trained, preset, on_cpu):
     """--predict-only of a model trained with another preset: name the flags that load it; on the
     CPU a GPU preset also needs --device cpu, or --device auto would turn it into quick again."""
-    cpu = " --device cpu" if on_cpu and trained in ("full", "fast") else ""
+    cpu = " --device cpu" if on_cpu and trained in GPU_PRESETS else ""
     return f"--predict-only: {path} holds a {trained} model, not {preset}: pass --preset {trained}{cpu}"
 
 
@@ -2422,7 +2421,7 @@ def select_hardware(device, capability, arch_list, precision="auto", compile_mod
     if compile_model and not (use_cuda and capability >= (7, 0)):
         raise HW2Error("--compile: needs a CUDA GPU of sm_70+ (Triton); drop the flag")
     fell_back = device != "cpu" and not use_cuda  # no usable GPU where one was asked for or hoped
-    if preset is None or (fell_back and preset in ("full", "fast")):
+    if preset is None or (fell_back and preset in GPU_PRESETS):
         preset = "full" if use_cuda else "quick"  # the CPU can't run the GPU recipe in useful time
     return dict(device=dev, precision=precision, compile=compile_model, preset=preset, note=note)
 
