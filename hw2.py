@@ -1183,8 +1183,9 @@ if RUN and not CFG.skip_answers:
 #
 # ### Problem 3.2 — why attention is scaled by $1/\sqrt{d_k}$
 #
-# **Because $\mathrm{Var}(q\cdot k) = d_k$: unscaled logits grow like $\sqrt{d_k}$, saturate the
-# softmax and kill its gradient; dividing by $\sqrt{d_k}$ restores unit variance for any $d_k$.**
+# **Because $\mathrm{Var}(q\cdot k) = d_k$: unscaled logits grow like $\sqrt{d_k}$ and, for large
+# $d_k$, saturate the softmax and kill its gradient; dividing by $\sqrt{d_k}$ restores unit
+# variance for any $d_k$.**
 #
 # If the components of $q$ and $k$ are independent with mean 0 and variance 1,
 # $q\cdot k = \sum_{i=1}^{d_k} q_ik_i$ is a sum of $d_k$ independent terms of variance 1. Large
@@ -1261,7 +1262,7 @@ if RUN and not CFG.skip_answers:
 # ### Problem 3.4 — memory for one SGD step, batch 16
 #
 # <!-- generated: 3.4 -->
-# **Peak ≈ 1.42 GiB** (1,523,838,856 bytes measured; the closed form below gives 1.40 GiB) with dropout 0; **≈ 3.27 GiB** with `nn.Transformer`'s default dropout 0.1 (on the CPU, whose dropout keeps an fp32 mask).
+# **Answer: ≈ 1.40 GiB at the peak of the step**, $4P + A + 2\cdot4N_tV$ (parameters + activations saved for backward + the gradients of the log-softmax output and of the logits; fp32, $B = 16$, $L = 512$, dropout 0, math attention): 1,498,673,024 bytes in closed form, 1,523,838,856 bytes (1.42 GiB) measured on the CPU. The simpler budget parameters + gradients + saved activations, $4P + 4P + A$, is 1,239,858,944 bytes (1.15 GiB); it leaves out the two $N_t\times V$ gradients. With `nn.Transformer`'s default dropout 0.1: ≈ 3.27 GiB measured (on the CPU, whose dropout keeps an fp32 mask).
 #
 # | bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |
 # |---|---:|---:|
@@ -1965,8 +1966,8 @@ def answers_table(ans):
         ("3.3", "paper-style: tied, sinusoidal, no final LN (with output bias)",
          f"{var['paper_style']['total']:,} ({var['paper_style_output_bias']['total']:,})"),
         ("3.3", "weights only (paper-style, no biases, no LayerNorms)", f"{var['weights_only']['total']:,}"),
-        ("3.4", "**peak** of one SGD step, batch 16: measured", gib(peak["measured"])),
-        ("3.4", "peak: closed form", gib(peak["estimate"])),
+        ("3.4", "**peak** of one SGD step, batch 16: closed form 4P + A + 2·4·N_t·V", gib(peak["estimate"])),
+        ("3.4", "peak: measured (CPU profiler)", gib(peak["measured"])),
         ("3.4", "params + grads + saved activations (estimate)", gib(q4["total"])),
         ("3.4", "activations: estimate / measured", f"{q4['activations']:,} / {q4['measured_activations']:,} B"),
     ]
@@ -2013,9 +2014,14 @@ def markdown_blocks(ans):
     ])
 
     blocks["3.4"] = "\n".join([
-        f"**Peak ≈ {gib(peak['measured'])}** ({peak['measured']:,} bytes measured; the closed form "
-        f"below gives {gib(peak['estimate'])}) with dropout 0; **≈ {gib(drop['peak_measured'])}** "
-        f"with `nn.Transformer`'s default dropout 0.1 (on the CPU, whose dropout keeps an fp32 mask).",
+        f"**Answer: ≈ {gib(peak['estimate'])} at the peak of the step**, "
+        f"$4P + A + 2\\cdot4N_tV$ (parameters + activations saved for backward + the gradients of "
+        f"the log-softmax output and of the logits; fp32, $B = 16$, $L = 512$, dropout 0, math "
+        f"attention): {peak['estimate']:,} bytes in closed form, {peak['measured']:,} bytes "
+        f"({gib(peak['measured'])}) measured on the CPU. The simpler budget parameters + gradients "
+        f"+ saved activations, $4P + 4P + A$, is {q4['total']:,} bytes ({gib(q4['total'])}); it "
+        f"leaves out the two $N_t\\times V$ gradients. With `nn.Transformer`'s default dropout 0.1: "
+        f"≈ {gib(drop['peak_measured'])} measured (on the CPU, whose dropout keeps an fp32 mask).",
         "",
         "| bytes (fp32, B = 16, L = 512, math attention) | closed form | measured (CPU) |",
         "|---|---:|---:|",

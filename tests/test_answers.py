@@ -528,6 +528,23 @@ def test_markdown_holds_the_computed_figures(answers, key):
                          f"(in hw2.py, then `make sync`) with hw2.markdown_blocks(answers)[{key!r}]")
 
 
+def test_p34_answer_is_the_closed_form_and_names_the_other_figures(answers):
+    """What a TA grades is the hardware-independent closed form; the measurement (which varies
+    with torch and the CPU) and the simpler params + grads + activations budget stand beside it."""
+    p3 = answers["p3"]
+    peak, mem, drop = p3["q4_peak"], p3["q4_memory_bytes"], p3["q4_dropout"]
+    first = hw2.markdown_blocks(answers)["3.4"].splitlines()[0]
+    m = re.match(r"\*\*Answer: ≈ ([\d.]+) GiB at the peak of the step\*\*, \$4P \+ A \+ 2\\cdot4N_tV\$", first)
+    assert m, first
+    assert m[1] == f"{peak['estimate'] / 2**30:.2f}" != f"{peak['measured'] / 2**30:.2f}"
+    for figure in (peak["estimate"], peak["measured"], mem["total"]):
+        assert f"{figure:,} bytes" in first, figure
+    assert f"≈ {drop['peak_measured'] / 2**30:.2f} GiB measured" in first
+    rows = [r for r in hw2.answers_table(answers).splitlines() if r.startswith("| 3.4 |")]
+    assert rows[0].startswith("| 3.4 | **peak** of one SGD step, batch 16: closed form")
+    assert rows[0].endswith(f"| {peak['estimate']:,} B ≈ {peak['estimate'] / 2**30:.2f} GiB |")
+
+
 def test_markdown_block_text_reads_py_percent_and_rejects_missing_markers():
     text = "# intro\n# <!-- generated: k -->\n# | a |\n#\n# b\n# <!-- end generated -->\n"
     assert hw2.markdown_block_text(text, "k") == "| a |\n\nb"
